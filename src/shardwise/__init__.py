@@ -1,0 +1,22 @@
+"""shardwise: Megatron-style tensor parallelism for PyTorch."""
+
+from . import comm
+from .launch import RankFailure, launch
+from .layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy
+from .mesh import Mesh, get_mesh, init_mesh, set_default_mesh
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ColumnParallelLinear",
+    "Mesh",
+    "RankFailure",
+    "RowParallelLinear",
+    "VocabParallelEmbedding",
+    "comm",
+    "get_mesh",
+    "init_mesh",
+    "launch",
+    "set_default_mesh",
+    "vocab_parallel_cross_entropy",
+]

@@ -1,0 +1,168 @@
+"""Run a function on N local ranks: spawned processes, torchrun's environment variables, gloo.
+
+The rank function calls `shardwise.init_mesh(...)` itself, exactly as it would under torchrun, so the
+same function runs unchanged under both.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import pickle
+import queue
+import signal
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch.multiprocessing as mp
+
+__all__ = ["launch", "RankFailure", "free_port"]
+
+
+class RankFailure(RuntimeError):
+    """A rank failed in a way that could not be re-raised as its own exception (death, signal)."""
+
+
+class _RemoteTraceback(Exception):
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    # A rank must not outlive the launcher: if the parent is SIGKILLed, Linux kills us too.
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
+def _rank_main(rank: int, world_size: int, env: dict[str, str], fn, args, results) -> None:
+    _die_with_parent()
+    os.environ.update(env)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank))
+    try:
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        value = fn(*args)
+        results.put((rank, "ok", pickle.dumps(value), time.time()))
+    except BaseException as exc:  # noqa: BLE001 - everything must reach the launcher
+        text = "".join(traceback.format_exception(exc))
+        try:
+            payload = pickle.dumps(exc)
+            pickle.loads(payload)
+        except Exception:
+            payload = None
+        results.put((rank, "error", (payload, text), time.time()))
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:
+                pass
+
+
+def launch(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float | None = None) -> list[Any]:
+    """Run `fn(*args)` on `world_size` local processes; return the per-rank results, rank order.
+
+    `fn` must be importable (module level) because ranks are spawned. The first rank to fail has its
+    exception re-raised here with its traceback; the other ranks are killed.
+    """
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
+    env = {
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_WORLD_SIZE": str(world_size),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+    }
+    if "GLOO_SOCKET_IFNAME" not in os.environ and sys.platform.startswith("linux"):
+        env["GLOO_SOCKET_IFNAME"] = "lo"
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [
+        ctx.Process(target=_rank_main, args=(rank, world_size, env, fn, args, results), daemon=True)
+        for rank in range(world_size)
+    ]
+    for proc in procs:
+        proc.start()
+
+    values: dict[int, Any] = {}
+    failures: list[tuple[float, int, Any]] = []
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    try:
+        while len(values) < world_size and not failures:
+            try:
+                rank, status, payload, stamp = results.get(timeout=0.05)
+            except queue.Empty:
+                for rank, proc in enumerate(procs):
+                    if proc.exitcode not in (None, 0) and rank not in values:
+                        failures.append((time.time(), rank, ("died", proc.exitcode)))
+                if deadline is not None and time.monotonic() > deadline:
+                    missing = sorted(set(range(world_size)) - set(values))
+                    raise TimeoutError(f"launch: ranks {missing} did not finish within {timeout_s} s")
+                continue
+            if status == "ok":
+                values[rank] = pickle.loads(payload)
+            else:
+                failures.append((stamp, rank, payload))
+        if failures:
+            # A rank's crash makes its peers fail inside collectives a moment later; wait briefly so
+            # the root cause (the earliest failure) is the one reported.
+            grace = time.monotonic() + 1.0
+            while time.monotonic() < grace:
+                try:
+                    rank, status, payload, stamp = results.get(timeout=0.05)
+                except queue.Empty:
+                    continue
+                if status == "error":
+                    failures.append((stamp, rank, payload))
+            _raise_first(failures)
+        for proc in procs:  # ranks that reported are only tearing down their process group
+            proc.join(timeout=10.0)
+        return [values[rank] for rank in range(world_size)]
+    finally:
+        _reap(procs)
+
+
+def _raise_first(failures: list[tuple[float, int, Any]]) -> None:
+    reported = [f for f in failures if not (isinstance(f[2], tuple) and f[2][0] == "died")]
+    stamp, rank, payload = min(reported or failures, key=lambda f: f[0])
+    if payload[0] == "died":
+        code = payload[1]
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        raise RankFailure(f"rank {rank} {how} without reporting an error")
+    exc_bytes, text = payload
+    exc = pickle.loads(exc_bytes) if exc_bytes is not None else RankFailure(f"rank {rank} failed")
+    exc.add_note(f"(raised on rank {rank} of a shardwise.launch)")
+    raise exc from _RemoteTraceback(f"\n\n--- traceback of rank {rank} ---\n{text}")
+
+
+def _reap(procs) -> None:
+    for proc in procs:
+        if proc.is_alive():
+            proc.terminate()
+    stop = time.monotonic() + 5.0
+    for proc in procs:
+        proc.join(timeout=max(0.0, stop - time.monotonic()))
+        if proc.is_alive():
+            proc.kill()
+            proc.join()

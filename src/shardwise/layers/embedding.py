@@ -1,0 +1,98 @@
+"""Vocabulary-parallel embedding: rank i holds rows [i*V'/tp, (i+1)*V'/tp) of the table, where V' is
+the vocabulary padded up to a multiple of tp. Padded rows are zero, never looked up, and masked out
+of the loss (see loss.py), so they never win an argmax.
+
+Communication, forward | backward: all-reduce of the looked-up rows | none
+(sequence_parallel: reduce-scatter over tokens | all-gather).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import comm
+from ..init import make_param, normal_fill
+from ..mesh import Mesh, resolve
+from ..sharding import ShardSpec
+
+
+def padded_vocab(num_embeddings: int, tp_size: int) -> int:
+    return -(-num_embeddings // tp_size) * tp_size
+
+
+class VocabParallelEmbedding(nn.Module):
+    """ids: [...] int64 in [0, num_embeddings) -> [..., embedding_dim] replicated (sequence_parallel:
+    ids [s, ...] -> [s/tp, ..., embedding_dim], this rank's tokens). weight: [V'/tp, embedding_dim]."""
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        mesh: Mesh | None = None,
+        *,
+        sequence_parallel: bool = False,
+        init_std: float = 1.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        for name, value in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.mesh = resolve(mesh)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.padded_num_embeddings = padded_vocab(num_embeddings, self.mesh.tp_size)
+        self.rows_per_rank = self.padded_num_embeddings // self.mesh.tp_size
+        self.vocab_start = self.mesh.tp_rank * self.rows_per_rank
+        self.sequence_parallel = sequence_parallel
+        self.tag = type(self).__name__
+        device = device if device is not None else self.mesh.device
+        # Drawn over the real vocabulary only, so the table does not depend on tp; padding stays zero.
+        real_rows = max(0, min(self.rows_per_rank, num_embeddings - self.vocab_start))
+        spec = ShardSpec(0, self.vocab_start, real_rows, num_embeddings)
+        real = make_param((num_embeddings, embedding_dim), normal_fill(init_std), spec, dtype, device)
+        weight = torch.zeros((self.rows_per_rank, embedding_dim), dtype=dtype, device=device)
+        weight[:real_rows] = real.detach()
+        self.weight = nn.Parameter(weight)
+        self.weight.tp_shard = ShardSpec(0, self.vocab_start, self.rows_per_rank, self.padded_num_embeddings)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"{self.tag}: ids must be int64 or int32, got {ids.dtype}")
+        if not ids.is_cuda and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
+            raise ValueError(
+                f"{self.tag}: token ids must lie in [0, {self.num_embeddings}), got "
+                f"[{int(ids.min())}, {int(ids.max())}]"
+            )
+        if self.mesh.tp_size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.vocab_start
+        outside = (local < 0) | (local >= self.rows_per_rank)
+        rows = F.embedding(local.masked_fill(outside, 0), self.weight)
+        rows = rows.masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.sequence_parallel:
+            return comm.reduce_scatter_to_sp(rows, self.mesh, self.tag)
+        return comm.reduce_from_tp(rows, self.mesh, self.tag)
+
+    @classmethod
+    def from_dense(cls, embedding: nn.Embedding, mesh: Mesh | None = None, **kwargs) -> VocabParallelEmbedding:
+        """This rank's rows of a dense nn.Embedding (weight [V, d]), zero-padded to V'/tp rows."""
+        layer = cls(embedding.num_embeddings, embedding.embedding_dim, mesh=mesh, device="meta",
+                    dtype=embedding.weight.dtype, **kwargs)  # fmt: skip
+        dense = embedding.weight.detach()
+        weight = dense.new_zeros((layer.rows_per_rank, layer.embedding_dim))
+        real = dense[layer.vocab_start : layer.vocab_start + layer.rows_per_rank]
+        weight[: real.shape[0]] = real
+        spec = layer.weight.tp_shard
+        layer.weight = nn.Parameter(weight.to(layer.mesh.device))
+        layer.weight.tp_shard = spec
+        return layer
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_embeddings} (padded {self.padded_num_embeddings}, rows {self.vocab_start}:"
+            f"{self.vocab_start + self.rows_per_rank}), {self.embedding_dim}, tp={self.mesh.tp_size}, "
+            f"sequence_parallel={self.sequence_parallel}"
+        )

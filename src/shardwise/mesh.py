@@ -1,0 +1,148 @@
+"""The rank grid: tp x dp process groups, built from torchrun's environment or our launcher's.
+
+Layout: the world is a [dp, tp] grid with tp ranks adjacent (global rank = dp_rank * tp + tp_rank),
+so the chatty tensor-parallel groups stay inside a node when nodes hold consecutive ranks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+_default_mesh: Mesh | None = None  # the one module global: what `mesh=None` means
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """One rank's view of the grid. `tp_group`/`dp_group` are None when that dimension has size 1
+    and no process group is needed (e.g. a dense single-process reference)."""
+
+    tp_size: int
+    tp_rank: int
+    dp_size: int
+    dp_rank: int
+    tp_group: dist.ProcessGroup | None = field(default=None, compare=False, repr=False)
+    dp_group: dist.ProcessGroup | None = field(default=None, compare=False, repr=False)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"), compare=False)
+
+    @property
+    def rank(self) -> int:
+        return self.dp_rank * self.tp_size + self.tp_rank
+
+    @property
+    def world_size(self) -> int:
+        return self.tp_size * self.dp_size
+
+    @staticmethod
+    def single(device: str | torch.device = "cpu") -> Mesh:
+        """A tp=1, dp=1 mesh needing no process group: the dense reference runs on it."""
+        return Mesh(tp_size=1, tp_rank=0, dp_size=1, dp_rank=0, device=torch.device(device))
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _env_int(name: str) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        raise RuntimeError(
+            f"{name} is not set: init_mesh() must run inside a rank started by torchrun or "
+            "shardwise.launch(); for a single-process dense model use Mesh.single()"
+        )
+    return int(value)
+
+
+def init_mesh(tp: int, dp: int = 1, *, backend: str | None = None, timeout_s: float = 300.0) -> Mesh:
+    """Join the process group (if not joined yet) and build the tp x dp groups.
+
+    Every rank must call this with the same tp and dp: process-group creation is collective.
+    The result becomes the default mesh for layers built with `mesh=None`.
+    """
+    global _default_mesh
+    if not isinstance(tp, int) or not isinstance(dp, int) or tp < 1 or dp < 1:
+        raise ValueError(f"tp and dp must be positive integers, got tp={tp!r}, dp={dp!r}")
+    if not dist.is_initialized():
+        world_size = _env_int("WORLD_SIZE")
+        rank = _env_int("RANK")
+        _check_grid(tp, dp, world_size)
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(
+            backend=backend,
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+    world_size = dist.get_world_size()
+    rank = dist.get_rank()
+    _check_grid(tp, dp, world_size)
+
+    tp_group = dp_group = None
+    # new_group is collective over the whole world: every rank creates every group, in the same order.
+    for dp_index in range(dp):
+        ranks = list(range(dp_index * tp, (dp_index + 1) * tp))
+        group = dist.new_group(ranks) if tp > 1 else None
+        if rank in ranks:
+            tp_group = group
+    for tp_index in range(tp):
+        ranks = list(range(tp_index, world_size, tp))
+        group = dist.new_group(ranks) if dp > 1 else None
+        if rank in ranks:
+            dp_group = group
+
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    mesh = Mesh(
+        tp_size=tp,
+        tp_rank=rank % tp,
+        dp_size=dp,
+        dp_rank=rank // tp,
+        tp_group=tp_group,
+        dp_group=dp_group,
+        device=device,
+    )
+    _default_mesh = mesh
+    return mesh
+
+
+def _check_grid(tp: int, dp: int, world_size: int) -> None:
+    if tp * dp != world_size:
+        if world_size % tp:
+            raise ValueError(
+                f"tp={tp} does not divide the world size {world_size}; "
+                f"use tp in {{{', '.join(map(str, _divisors(world_size)))}}}"
+            )
+        raise ValueError(
+            f"tp * dp = {tp} * {dp} = {tp * dp} but the world size is {world_size}; "
+            f"use dp={world_size // tp} with tp={tp}"
+        )
+
+
+def get_mesh() -> Mesh:
+    """The default mesh: the last one init_mesh() built, else a single-process tp=1 mesh."""
+    if _default_mesh is not None:
+        return _default_mesh
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        raise RuntimeError(
+            "the process group is initialised but no mesh was built: call shardwise.init_mesh(tp=...) "
+            "before building layers, or pass mesh= explicitly"
+        )
+    return Mesh.single()
+
+
+def set_default_mesh(mesh: Mesh | None) -> None:
+    global _default_mesh
+    _default_mesh = mesh
+
+
+def resolve(mesh: Mesh | None) -> Mesh:
+    return get_mesh() if mesh is None else mesh
