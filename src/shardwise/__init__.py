@@ -4,11 +4,17 @@ from . import comm
 from .launch import RankFailure, launch
 from .layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy
 from .mesh import Mesh, get_mesh, init_mesh, set_default_mesh
+from .nn import GPT, GPTConfig, ParallelAttention, ParallelMLP, ParallelTransformerBlock
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ColumnParallelLinear",
+    "GPT",
+    "GPTConfig",
+    "ParallelAttention",
+    "ParallelMLP",
+    "ParallelTransformerBlock",
     "Mesh",
     "RankFailure",
     "RowParallelLinear",

@@ -1,0 +1,45 @@
+"""Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(.)).
+
+Per block and step at tp > 1 (activations [s, b, h]): forward 2 all-reduces of s*b*h elements (after
+the attention and MLP row-parallel layers), backward 2 more (before their column-parallel layers).
+With sequence parallelism: forward 2 all-gathers + 2 reduce-scatters, backward the same, and
+backward also sums the replicated norm/bias grads over tp (small all-reduces of h-sized vectors).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .. import random as sw_random
+from ..mesh import Mesh, resolve
+from .attention import ParallelAttention
+from .mlp import ParallelMLP
+from .norm import Norm
+
+
+class ParallelTransformerBlock(nn.Module):
+    """x: [s, b, hidden] (sequence_parallel: [s/tp, b, hidden]) -> same shape."""
+
+    def __init__(self, hidden: int, num_heads: int, ffn_hidden: int | None = None, num_kv_heads: int | None = None,
+                 activation: str = "gelu", norm: str = "layernorm", bias: bool = True, rope: bool = False,
+                 dropout: float = 0.0, attn_dropout: float = 0.0, sequence_parallel: bool = False,
+                 mesh: Mesh | None = None, device=None, dtype: torch.dtype = torch.float32):  # fmt: skip
+        super().__init__()
+        self.mesh = resolve(mesh)
+        ffn_hidden = 4 * hidden if ffn_hidden is None else ffn_hidden
+        self.dropout, self.sequence_parallel = dropout, sequence_parallel
+        common = dict(sequence_parallel=sequence_parallel, mesh=self.mesh, device=device, dtype=dtype)
+        self.norm1 = Norm(hidden, norm, **common)
+        self.attn = ParallelAttention(hidden, num_heads, num_kv_heads, bias=bias, rope=rope,
+                                      attn_dropout=attn_dropout, **common)  # fmt: skip
+        self.norm2 = Norm(hidden, norm, **common)
+        self.mlp = ParallelMLP(hidden, ffn_hidden, activation, bias=bias, **common)
+
+    def _drop(self, x: torch.Tensor) -> torch.Tensor:
+        # Under sequence parallelism each rank holds other tokens, so masks come from the tp stream.
+        return sw_random.dropout(x, self.dropout, self.training, self.mesh, sharded=self.sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self._drop(self.attn(self.norm1(x)))
+        return x + self._drop(self.mlp(self.norm2(x)))

@@ -1,0 +1,88 @@
+"""A small GPT: vocabulary-parallel embedding (tied to the output layer), pre-norm parallel blocks with
+rotary positions, final norm, vocabulary-parallel cross-entropy. With tp=1 it is the dense model."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import comm
+from .. import random as sw_random
+from ..layers import VocabParallelEmbedding, vocab_parallel_cross_entropy
+from ..mesh import Mesh, resolve
+from .block import ParallelTransformerBlock
+from .norm import Norm
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 256
+    hidden: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int | None = None
+    ffn_hidden: int | None = None
+    activation: str = "gelu"
+    norm: str = "layernorm"
+    bias: bool = True
+    dropout: float = 0.0
+    sequence_parallel: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class GPT(nn.Module):
+    """ids: [b, s] -> local logits [b, s, V'/tp] (V' = vocab padded to a multiple of tp), or with
+    targets [b, s]: the mean next-token loss (a scalar, equal on every tp rank)."""
+
+    def __init__(self, config: GPTConfig, mesh: Mesh | None = None, device=None, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.config = config
+        self.mesh = resolve(mesh)
+        sp = config.sequence_parallel
+        self.embed = VocabParallelEmbedding(config.vocab_size, config.hidden, self.mesh, sequence_parallel=sp,
+                                            init_std=0.02, device=device, dtype=dtype)  # fmt: skip
+        self.blocks = nn.ModuleList(
+            ParallelTransformerBlock(
+                config.hidden, config.num_heads, config.ffn_hidden, config.num_kv_heads,
+                activation=config.activation, norm=config.norm, bias=config.bias, rope=True,
+                dropout=config.dropout, sequence_parallel=sp, mesh=self.mesh, device=device, dtype=dtype,
+            )  # fmt: skip
+            for _ in range(config.num_layers)
+        )
+        self.norm = Norm(config.hidden, config.norm, sequence_parallel=sp, mesh=self.mesh, device=device, dtype=dtype)
+
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        if ids.dim() != 2:
+            raise ValueError(f"ids must be [batch, seq], got shape {list(ids.shape)}")
+        cfg, mesh = self.config, self.mesh
+        if cfg.sequence_parallel and ids.shape[1] % mesh.tp_size:
+            raise ValueError(
+                f"sequence_parallel splits the sequence ({ids.shape[1]} tokens) over tp={mesh.tp_size}; "
+                f"use a sequence length that is a multiple of {mesh.tp_size}"
+            )
+        x = self.embed(ids.t())  # [s, b, h] (sequence-parallel: [s/tp, b, h])
+        x = sw_random.dropout(x, cfg.dropout, self.training, mesh, sharded=cfg.sequence_parallel)
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)
+        # Output layer tied to the embedding: column-parallel over the vocabulary.
+        if cfg.sequence_parallel:
+            x = comm.gather_from_sp(x, mesh, "lm_head")
+        else:
+            x = comm.copy_to_tp(x, mesh, "lm_head")
+        logits = F.linear(x, self.embed.weight)  # [s, b, V'/tp]
+        if targets is None:
+            return logits.transpose(0, 1)
+        if targets.shape != ids.shape:
+            raise ValueError(f"targets shape {list(targets.shape)} must equal ids shape {list(ids.shape)}")
+        loss = vocab_parallel_cross_entropy(logits, targets.t(), mesh, vocab_size=cfg.vocab_size)
+        return loss.mean()
+
+    def full_logits(self, local_logits: torch.Tensor) -> torch.Tensor:
+        """[b, s, V'/tp] -> [b, s, vocab_size]: gathered over tp, padding dropped (collective)."""
+        return comm.gather_from_tp(local_logits, self.mesh, "full_logits")[..., : self.config.vocab_size]

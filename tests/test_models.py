@@ -1,0 +1,92 @@
+"""ParallelMLP, ParallelAttention (MHA, GQA split and replicated), block and GPT against the same classes
+at tp=1 (the dense model), with and without sequence parallelism, on real gloo ranks."""
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import shardwise
+from shardwise.nn import GPT, GPTConfig, ParallelAttention, ParallelMLP, ParallelTransformerBlock
+from shardwise.sharding import full_gradients
+
+TOL = dict(atol=1e-5, rtol=1e-5)  # fp32
+
+
+def _local_tokens(x, mesh, sp):
+    return x.chunk(mesh.tp_size, dim=0)[mesh.tp_rank] if sp else x
+
+
+def _compare_grads(model, dense, mesh, where):
+    full = full_gradients(model, mesh)
+    for name, p in dense.named_parameters():
+        got = full[name][: p.shape[0]]  # vocabulary padding rows sit past the dense table
+        assert_close(got, p.grad, **TOL, msg=lambda m, n=name: f"{where}: grad of {n}: {m}")
+        assert torch.count_nonzero(full[name][p.shape[0] :]) == 0
+
+
+def _check_module(mesh, make, sp, where, s=8, b=2, hidden=32):
+    torch.manual_seed(1)
+    model = make(mesh, sp)
+    torch.manual_seed(1)
+    dense = make(shardwise.Mesh.single(), False)
+    torch.manual_seed(2)
+    x = torch.randn(s, b, hidden)
+    g = torch.randn(s, b, hidden)
+    xd = x.clone().requires_grad_()
+    yd = dense(xd)
+    yd.backward(g)
+    xl = _local_tokens(x, mesh, sp).clone().requires_grad_()
+    y = model(xl)
+    assert_close(y, _local_tokens(yd, mesh, sp).detach(), **TOL, msg=lambda m: f"{where}: output: {m}")
+    y.backward(_local_tokens(g, mesh, sp))
+    assert_close(xl.grad, _local_tokens(xd.grad, mesh, sp), **TOL, msg=lambda m: f"{where}: input grad: {m}")
+    _compare_grads(model, dense, mesh, where)
+
+
+def _check_gpt(mesh, sp, cfg_kwargs):
+    cfg = GPTConfig(vocab_size=61, hidden=32, num_layers=2, num_heads=4, sequence_parallel=sp, **cfg_kwargs)
+    torch.manual_seed(3)
+    model = GPT(cfg, mesh)
+    torch.manual_seed(3)
+    dense = GPT(GPTConfig(**{**cfg.to_dict(), "sequence_parallel": False}), shardwise.Mesh.single())
+    torch.manual_seed(4)
+    ids = torch.randint(0, 61, (2, 8))
+    targets = torch.randint(0, 61, (2, 8))
+    where = f"GPT sp={sp} {cfg_kwargs}"
+    assert_close(model.full_logits(model(ids)), dense(ids), **TOL, msg=lambda m: f"{where}: logits: {m}")
+    loss, loss_dense = model(ids, targets), dense(ids, targets)
+    assert_close(loss, loss_dense, **TOL)
+    loss.backward()
+    loss_dense.backward()
+    _compare_grads(model, dense, mesh, where)
+
+
+def model_checks(tp):
+    mesh = shardwise.init_mesh(tp)
+    kv_cases = [None, 2] + ([1] if tp > 1 else [])  # MHA; GQA (replicated kv at tp=4); MQA
+    for sp in (False, True):
+        _check_module(mesh, lambda m, sp: ParallelMLP(32, 64, "gelu", sequence_parallel=sp, mesh=m), sp, "MLP gelu")
+        _check_module(mesh, lambda m, sp: ParallelMLP(32, 48, "swiglu", bias=False, sequence_parallel=sp, mesh=m),
+                      sp, "MLP swiglu")  # fmt: skip
+        for kv in kv_cases:
+            for rope in (False, True):
+                make = lambda m, sp, kv=kv, rope=rope: ParallelAttention(
+                    32, 4, kv, rope=rope, sequence_parallel=sp, mesh=m
+                )
+                _check_module(mesh, make, sp, f"attention kv={kv} rope={rope}")
+        _check_module(
+            mesh,
+            lambda m, sp: ParallelTransformerBlock(32, 4, 64, num_kv_heads=2, activation="swiglu", norm="rmsnorm",
+                                                   rope=True, sequence_parallel=sp, mesh=m),  # fmt: skip
+            sp,
+            "block swiglu/rmsnorm/gqa",
+        )
+        _check_module(mesh, lambda m, sp: ParallelTransformerBlock(32, 4, sequence_parallel=sp, mesh=m), sp, "block")
+        _check_gpt(mesh, sp, {})
+        _check_gpt(mesh, sp, {"num_kv_heads": 2, "activation": "swiglu", "norm": "rmsnorm", "bias": False})
+    return True
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_models_match_dense(tp):
+    assert all(shardwise.launch(model_checks, tp, tp))
