@@ -85,6 +85,7 @@ def launch(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float
     `fn` must be importable (module level) because ranks are spawned. The first rank to fail has its
     exception re-raised here with its traceback; the other ranks are killed.
     """
+    __tracebackhide__ = True
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
     env = {
@@ -106,36 +107,36 @@ def launch(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float
         proc.start()
 
     values: dict[int, Any] = {}
-    failures: list[tuple[float, int, Any]] = []
+    errors: dict[int, tuple[float, Any]] = {}  # rank -> (time, (pickled exception, traceback text))
+    deaths: dict[int, int] = {}  # rank -> exit code, for ranks that died without reporting
+
+    def poll(wait: float) -> None:
+        try:
+            rank, status, payload, stamp = results.get(timeout=wait)
+        except queue.Empty:
+            for rank, proc in enumerate(procs):
+                if proc.exitcode not in (None, 0) and rank not in values and rank not in errors:
+                    deaths[rank] = proc.exitcode
+            return
+        if status == "ok":
+            values[rank] = pickle.loads(payload)
+        else:
+            errors[rank] = (stamp, payload)
+
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
-        while len(values) < world_size and not failures:
-            try:
-                rank, status, payload, stamp = results.get(timeout=0.05)
-            except queue.Empty:
-                for rank, proc in enumerate(procs):
-                    if proc.exitcode not in (None, 0) and rank not in values:
-                        failures.append((time.time(), rank, ("died", proc.exitcode)))
-                if deadline is not None and time.monotonic() > deadline:
-                    missing = sorted(set(range(world_size)) - set(values))
-                    raise TimeoutError(f"launch: ranks {missing} did not finish within {timeout_s} s")
-                continue
-            if status == "ok":
-                values[rank] = pickle.loads(payload)
-            else:
-                failures.append((stamp, rank, payload))
-        if failures:
-            # A rank's crash makes its peers fail inside collectives a moment later; wait briefly so
-            # the root cause (the earliest failure) is the one reported.
+        while len(values) < world_size and not errors and not deaths:
+            poll(0.05)
+            if deadline is not None and time.monotonic() > deadline:
+                missing = sorted(set(range(world_size)) - set(values))
+                raise TimeoutError(f"launch: ranks {missing} did not finish within {timeout_s} s")
+        if errors or deaths:
+            # A rank's crash makes its peers fail inside collectives a moment later; keep listening
+            # briefly so the root cause is the one reported, not a peer's "connection reset".
             grace = time.monotonic() + 1.0
-            while time.monotonic() < grace:
-                try:
-                    rank, status, payload, stamp = results.get(timeout=0.05)
-                except queue.Empty:
-                    continue
-                if status == "error":
-                    failures.append((stamp, rank, payload))
-            _raise_first(failures)
+            while time.monotonic() < grace and len(errors) + len(deaths) + len(values) < world_size:
+                poll(0.05)
+            _raise_root_cause(errors, deaths)
         for proc in procs:  # ranks that reported are only tearing down their process group
             proc.join(timeout=10.0)
         return [values[rank] for rank in range(world_size)]
@@ -143,15 +144,17 @@ def launch(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float
         _reap(procs)
 
 
-def _raise_first(failures: list[tuple[float, int, Any]]) -> None:
-    reported = [f for f in failures if not (isinstance(f[2], tuple) and f[2][0] == "died")]
-    stamp, rank, payload = min(reported or failures, key=lambda f: f[0])
-    if payload[0] == "died":
-        code = payload[1]
+def _raise_root_cause(errors: dict[int, tuple[float, Any]], deaths: dict[int, int]) -> None:
+    """A rank that died without a word (signal, os._exit) is the root cause: its peers' errors are
+    the consequence. Otherwise the earliest exception raised is."""
+    __tracebackhide__ = True  # pytest: show the rank's traceback, not the launcher's locals
+    others = ", ".join(f"rank {r}" for r in sorted(errors)) or "none"
+    if deaths:
+        rank, code = min(deaths.items())
         how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-        raise RankFailure(f"rank {rank} {how} without reporting an error")
-    exc_bytes, text = payload
-    exc = pickle.loads(exc_bytes) if exc_bytes is not None else RankFailure(f"rank {rank} failed")
+        raise RankFailure(f"rank {rank} {how} without reporting an error (ranks that failed after it: {others})")
+    rank, (_, (exc_bytes, text)) = min(errors.items(), key=lambda item: item[1][0])
+    exc = pickle.loads(exc_bytes) if exc_bytes is not None else RankFailure(f"rank {rank} failed:\n{text}")
     exc.add_note(f"(raised on rank {rank} of a shardwise.launch)")
     raise exc from _RemoteTraceback(f"\n\n--- traceback of rank {rank} ---\n{text}")
 

@@ -6,6 +6,7 @@ so the chatty tensor-parallel groups stay inside a node when nodes hold consecut
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from dataclasses import dataclass, field
@@ -80,6 +81,9 @@ def init_mesh(tp: int, dp: int = 1, *, backend: str | None = None, timeout_s: fl
             world_size=world_size,
             timeout=datetime.timedelta(seconds=timeout_s),
         )
+        # A script that returns with the group alive (the usual torchrun script) can die in gloo's
+        # threads at interpreter exit ("terminate called without an active exception"): tear down first.
+        atexit.register(_destroy_process_group)
     world_size = dist.get_world_size()
     rank = dist.get_rank()
     _check_grid(tp, dp, world_size)
@@ -114,6 +118,13 @@ def init_mesh(tp: int, dp: int = 1, *, backend: str | None = None, timeout_s: fl
     return mesh
 
 
+def _destroy_process_group() -> None:
+    global _default_mesh
+    _default_mesh = None
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _check_grid(tp: int, dp: int, world_size: int) -> None:
     if tp * dp != world_size:
         if world_size % tp:
@@ -145,4 +156,19 @@ def set_default_mesh(mesh: Mesh | None) -> None:
 
 
 def resolve(mesh: Mesh | None) -> Mesh:
-    return get_mesh() if mesh is None else mesh
+    """The mesh a layer is built with: `mesh`, or the default; checked against its process group so a
+    mesh that claims another size than its group fails here, not as a hang inside a collective."""
+    if mesh is None:
+        return get_mesh()
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh must be a shardwise.Mesh (from init_mesh or Mesh.single()), got {type(mesh).__name__}")
+    if mesh.tp_size > 1:
+        if mesh.tp_group is None or not dist.is_initialized():
+            raise ValueError(f"a mesh with tp={mesh.tp_size} needs its process group: build it with init_mesh()")
+        group_size = dist.get_world_size(mesh.tp_group)
+        if group_size != mesh.tp_size:
+            raise ValueError(
+                f"the mesh says tp={mesh.tp_size} but its tp group has {group_size} ranks; "
+                f"build layers with the mesh init_mesh(tp={group_size}) returned"
+            )
+    return mesh

@@ -1,0 +1,45 @@
+"""One forward+backward of a transformer block issues exactly Megatron's minimum of collectives."""
+
+import torch
+
+import shardwise
+from shardwise import comm
+from shardwise.nn import ParallelTransformerBlock
+
+
+def _record(mesh, sp, s=8, b=2, h=32):
+    events = []
+    torch.manual_seed(0)
+    block = ParallelTransformerBlock(h, 4, sequence_parallel=sp, mesh=mesh)
+    x = torch.randn(s // mesh.tp_size if sp else s, b, h, requires_grad=True)
+    comm.add_observer(events.append)
+    try:
+        y = block(x)
+        forward = list(events)
+        y.sum().backward()
+    finally:
+        comm.remove_observer(events.append)
+    backward = events[len(forward) :]
+    summary = lambda evs: sorted((e.op, e.numel, e.nbytes) for e in evs)
+    return summary(forward), summary(backward)
+
+
+def count_checks():
+    mesh = shardwise.init_mesh(2)
+    s, b, h = 8, 2, 32
+    act = s * b * h
+    fwd, bwd = _record(mesh, sp=False)
+    assert fwd == [("all_reduce", act, act * 4)] * 2, fwd
+    assert bwd == [("all_reduce", act, act * 4)] * 2, bwd
+    fwd, bwd = _record(mesh, sp=True)
+    assert fwd == sorted([("all_gather", act, act * 4)] * 2 + [("reduce_scatter", act, act * 4)] * 2), fwd
+    big = [e for e in bwd if e[1] == act]
+    small = [e for e in bwd if e[1] != act]
+    assert big == sorted([("all_gather", act, act * 4)] * 2 + [("reduce_scatter", act, act * 4)] * 2), bwd
+    # replicated params seeing different tokens: two norms (weight+bias) and two row-parallel biases
+    assert small == sorted([("all_reduce", 2 * h, 8 * h)] * 2 + [("all_reduce", h, 4 * h)] * 2), small
+    return True
+
+
+def test_block_collective_counts_tp2():
+    assert all(shardwise.launch(count_checks, 2))

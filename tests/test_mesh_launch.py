@@ -1,0 +1,123 @@
+"""Mesh construction, the launcher's error handling, and running unchanged under torchrun."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import shardwise
+from shardwise.nn import ParallelAttention, ParallelMLP
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def grid_checks():
+    with pytest.raises(ValueError, match=r"tp=3 does not divide the world size 4; use tp in \{1, 2, 4\}"):
+        shardwise.init_mesh(3)
+    with pytest.raises(ValueError, match="use dp=2 with tp=2"):
+        shardwise.init_mesh(2, 1)
+    mesh = shardwise.init_mesh(2, 2)
+    assert (mesh.tp_size, mesh.dp_size, mesh.world_size) == (2, 2, 4)
+    rank = dist.get_rank()
+    assert (mesh.tp_rank, mesh.dp_rank) == (rank % 2, rank // 2)  # tp ranks adjacent
+    t = torch.tensor([float(rank)])
+    dist.all_reduce(t, group=mesh.tp_group)
+    assert t.item() == {0: 1.0, 1: 5.0}[mesh.dp_rank]  # {0,1} and {2,3}
+    t = torch.tensor([float(rank)])
+    dist.all_reduce(t, group=mesh.dp_group)
+    assert t.item() == {0: 2.0, 1: 4.0}[mesh.tp_rank]  # {0,2} and {1,3}
+    return os.getpid()
+
+
+def test_mesh_grid_and_errors():
+    pids = shardwise.launch(grid_checks, 4)
+    assert len(set(pids)) == 4
+
+
+def bad_model_checks():
+    mesh = shardwise.init_mesh(4)
+    with pytest.raises(ValueError, match="num_heads=6 is not divisible by tp=4"):
+        ParallelAttention(48, 6, mesh=mesh)
+    with pytest.raises(ValueError, match="num_kv_heads=3 and tp=4"):
+        ParallelAttention(48, 12, 3, mesh=mesh)
+    with pytest.raises(ValueError, match="out_features=30 is not divisible by tp=4; use a multiple of 4"):
+        ParallelMLP(16, 30, mesh=mesh)
+    with pytest.raises(ValueError, match="tp group has 4 ranks"):
+        ParallelMLP(16, 32, mesh=shardwise.Mesh(2, 0, 2, 0, tp_group=mesh.tp_group))
+    with pytest.raises(ValueError, match="needs its process group"):
+        ParallelMLP(16, 32, mesh=shardwise.Mesh(2, 0, 1, 0))
+    # a layer of another tp feeding this one: the shard shapes disagree and say so
+    mlp = ParallelMLP(16, 32, mesh=mesh)
+    with pytest.raises(ValueError, match=r"expected this rank's input shard \[..., 8\]"):
+        mlp.down(torch.randn(2, 16))
+    return True
+
+
+def test_bad_model_configs_raise():
+    assert all(shardwise.launch(bad_model_checks, 4))
+
+
+def fail_on(rank_to_fail):
+    mesh = shardwise.init_mesh(2)
+    if mesh.tp_rank == rank_to_fail:
+        raise KeyError("boom on purpose")
+    dist.barrier()  # the healthy rank waits here; the launcher must not wait for a timeout
+    return os.getpid()
+
+
+def die_on(rank_to_die):
+    mesh = shardwise.init_mesh(2)
+    if mesh.tp_rank == rank_to_die:
+        os.kill(os.getpid(), 9)
+    dist.barrier()
+
+
+def report_pid(pid_file):
+    Path(pid_file + str(os.environ["RANK"])).write_text(str(os.getpid()))
+    return fail_on(1)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/status").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
+
+
+def test_launch_reraises_first_failure_and_leaves_no_process(tmp_path):
+    start = time.monotonic()
+    with pytest.raises(KeyError, match="boom on purpose") as info:
+        shardwise.launch(report_pid, 2, str(tmp_path / "pid"))
+    assert time.monotonic() - start < 60
+    assert any("rank 1" in note for note in info.value.__notes__)
+    assert "fail_on" in str(info.value.__cause__)  # the rank's own traceback travels along
+    for rank in (0, 1):
+        assert not _alive(int((tmp_path / f"pid{rank}").read_text()))
+
+
+def test_launch_reports_a_killed_rank():
+    with pytest.raises(shardwise.RankFailure, match="rank 0 was killed by signal 9"):
+        shardwise.launch(die_on, 2, 0, timeout_s=120)
+
+
+def test_launch_rejects_bad_world_size():
+    with pytest.raises(ValueError, match="positive integer"):
+        shardwise.launch(fail_on, 0, 0)
+
+
+def test_same_script_under_torchrun_and_launch():
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "examples/quickstart.py"]
+    out = subprocess.run(torchrun, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    errors = [float(line.rsplit("=", 1)[1]) for line in out.stdout.splitlines() if "max |tp - dense|" in line]
+    assert len(errors) == 2 and max(errors) < 1e-5, out.stdout
+    from quickstart import main  # examples/ is on sys.path (conftest)
+
+    assert max(shardwise.launch(main, 2)) < 1e-5
