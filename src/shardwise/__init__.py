@@ -10,6 +10,7 @@ from .layers import (
 )
 from .mesh import Mesh, get_mesh, init_mesh, set_default_mesh
 from .nn import GPT, GPTConfig, ParallelAttention, ParallelMLP, ParallelTransformerBlock
+from .profile import Profile, profile
 
 __version__ = "0.1.0"
 
@@ -21,6 +22,7 @@ __all__ = [
     "ParallelMLP",
     "ParallelTransformerBlock",
     "Mesh",
+    "Profile",
     "RankFailure",
     "RowParallelLinear",
     "VocabParallelEmbedding",
@@ -28,6 +30,7 @@ __all__ = [
     "get_mesh",
     "init_mesh",
     "launch",
+    "profile",
     "set_default_mesh",
     "vocab_parallel_cross_entropy",
 ]

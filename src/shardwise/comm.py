@@ -39,7 +39,14 @@ class CollectiveEvent:
     phase: str  # fwd | bwd
 
 
-_observers: list[Callable[[CollectiveEvent], None]] = []
+@dataclass(frozen=True)
+class ComputeEvent:
+    tag: str
+    phase: str  # fwd | bwd
+    seconds: float
+
+
+_observers: list[Callable[[CollectiveEvent | ComputeEvent], None]] = []
 
 
 def add_observer(observer: Callable[[CollectiveEvent], None]) -> None:
@@ -70,8 +77,65 @@ def _collective(op: str, numel: int, tensor: torch.Tensor, mesh: Mesh, tag: str,
         tag=tag,
         phase=phase,
     )
+    _emit(event)
+
+
+def _now(t: torch.Tensor) -> float:
+    if t.is_cuda:
+        torch.cuda.synchronize(t.device)
+    return time.perf_counter()
+
+
+def _emit(event) -> None:
     for observer in _observers:
         observer(event)
+
+
+class _SpanEnd(torch.autograd.Function):
+    """Marks a layer's output: its backward runs first in the layer's backward, so it opens the span."""
+
+    @staticmethod
+    def forward(ctx, y, span):
+        ctx.span = span
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.span["bwd_start"] = _now(grad)
+        return grad, None
+
+
+class _SpanStart(torch.autograd.Function):
+    """Marks a layer's input: its backward runs last in the layer's backward, so it closes the span."""
+
+    @staticmethod
+    def forward(ctx, x, span):
+        ctx.span = span
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        span = ctx.span
+        if "bwd_start" in span:
+            _emit(ComputeEvent(span["tag"], "bwd", _now(grad) - span.pop("bwd_start")))
+        return grad, None
+
+
+def timed_compute(tag: str, fn, x: torch.Tensor, *args):
+    """fn(x, *args), reporting its forward and backward time to the observers, if any. Without
+    observers this is a plain call: profiling costs nothing when off."""
+    if not _observers:
+        return fn(x, *args)
+    span = {"tag": tag}
+    if x.requires_grad:
+        x = _SpanStart.apply(x, span)
+    elif args and isinstance(args[0], torch.Tensor) and args[0].requires_grad:
+        # e.g. the first layer, whose input needs no grad: the weight's grad closes the span instead
+        args = (_SpanStart.apply(args[0], span), *args[1:])
+    start = _now(x)
+    y = fn(x, *args)
+    _emit(ComputeEvent(tag, "fwd", _now(y) - start))
+    return _SpanEnd.apply(y, span) if y.requires_grad else y
 
 
 # ---- primitives (no autograd) -------------------------------------------------------------------
@@ -157,8 +221,8 @@ class _ReduceFromTP(torch.autograd.Function):
     def forward(ctx, x, mesh, tag):
         # In place, as the partial sums are a fresh matmul output nothing else saved; mark_dirty
         # makes autograd raise (instead of silently computing wrong grads) if that is ever untrue.
-        if not x.is_contiguous():
-            x = x.contiguous()
+        if x._is_view() or not x.is_contiguous():
+            x = x.clone(memory_format=torch.contiguous_format)
         else:
             ctx.mark_dirty(x)
         return _all_reduce_(x, mesh, tag, "fwd")

@@ -94,7 +94,7 @@ class ColumnParallelLinear(nn.Module):
             weight = comm.sum_grad_over_replicas(weight, self.mesh, self.out_start, self.out_features, self.tag)
             if bias is not None:
                 bias = comm.sum_grad_over_replicas(bias, self.mesh, self.out_start, self.out_features, self.tag)
-        y = F.linear(x, weight, bias)
+        y = comm.timed_compute(self.tag, F.linear, x, weight, bias)
         if self.gather_output:
             y = comm.gather_from_tp(y, self.mesh, self.tag)
         return y
@@ -174,7 +174,7 @@ class RowParallelLinear(nn.Module):
                 f"{self.in_features} over tp={self.mesh.tp_size}), got {list(x.shape)}; pass "
                 "input_is_parallel=False for a full input, or check the producing layer uses the same mesh"
             )
-        y = F.linear(x, self.weight)
+        y = comm.timed_compute(self.tag, F.linear, x, self.weight)
         if self.sequence_parallel:
             y = comm.reduce_scatter_to_sp(y, self.mesh, self.tag)
         else:

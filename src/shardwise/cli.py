@@ -1,0 +1,64 @@
+"""The `shardwise` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _demo_parser(sub) -> None:
+    from .demo import DemoConfig
+
+    d = DemoConfig()
+    p = sub.add_parser(
+        "demo",
+        help="train an MLP block + transformer block on N local gloo ranks, checked against dense, profiled",
+        description="Spawn --tp local gloo ranks, build a Megatron MLP block and a transformer block, train them "
+        "with Adam on synthetic data, compare every step against the dense model on rank 0, time every "
+        "collective and layer, and print a per-layer table (collectives, bytes, time, R = comm/compute) "
+        "plus a JSON report.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--tp", type=int, default=d.tp, help="tensor-parallel degree = number of local ranks")
+    p.add_argument("--steps", type=int, default=d.steps, help="training steps (forward, backward, Adam)")
+    p.add_argument("--hidden", type=int, default=d.hidden, help="hidden size h (the MLP's ffn is 4h)")
+    p.add_argument("--heads", type=int, default=d.heads, help="attention heads (must be divisible by --tp)")
+    p.add_argument("--seq", type=int, default=d.seq, help="sequence length s")
+    p.add_argument("--batch", type=int, default=d.batch, help="micro-batch size b")
+    p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
+    p.add_argument("--sequence-parallel", action="store_true", help="shard norms/residuals over tokens (SP)")
+    p.add_argument("--no-check", action="store_true", help="skip the dense model on rank 0 (pure TP timing)")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="first steps left out of the per-layer averages")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed for weights and data")
+    p.add_argument("--report", default=d.report, help="where to write the JSON report")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max |tp - dense| output difference for exit 0")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="shardwise", description="Megatron-style tensor parallelism for PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _demo_parser(sub)
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from .demo import DemoConfig
+        from .demo import main as demo_main
+
+        for name in ("tp", "steps", "hidden", "heads", "seq", "batch"):
+            if getattr(args, name) < 1:
+                parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+        if args.heads and args.heads % args.tp:
+            parser.error(f"--heads {args.heads} is not divisible by --tp {args.tp}; use a multiple of {args.tp}")
+        if args.hidden % args.heads:
+            parser.error(f"--hidden {args.hidden} is not divisible by --heads {args.heads}")
+        cfg = DemoConfig(
+            tp=args.tp, steps=args.steps, hidden=args.hidden, heads=args.heads, seq=args.seq, batch=args.batch,
+            lr=args.lr, sequence_parallel=args.sequence_parallel, check=not args.no_check, warmup=args.warmup,
+            seed=args.seed, report=args.report, progress=not args.no_progress,
+        )  # fmt: skip
+        return demo_main(cfg, tolerance=args.tolerance)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
