@@ -20,7 +20,7 @@ def _record(mesh, sp, s=8, b=2, h=32):
     finally:
         comm.remove_observer(events.append)
     backward = events[len(forward) :]
-    summary = lambda evs: sorted((e.op, e.numel, e.nbytes) for e in evs)
+    summary = lambda evs: sorted((e.op, e.numel, e.nbytes) for e in evs if isinstance(e, comm.CollectiveEvent))
     return summary(forward), summary(backward)
 
 
