@@ -3,9 +3,11 @@ at tp=1 (the dense model), with and without sequence parallelism, on real gloo r
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch.testing import assert_close
 
 import shardwise
+from shardwise import random as sw_random
 from shardwise.nn import GPT, GPTConfig, ParallelAttention, ParallelMLP, ParallelTransformerBlock
 from shardwise.sharding import full_gradients
 
@@ -61,8 +63,28 @@ def _check_gpt(mesh, sp, cfg_kwargs):
     _compare_grads(model, dense, mesh, where)
 
 
+def _check_dropout_streams(mesh):
+    def masks(seed):
+        sw_random.manual_seed(seed, mesh)
+        x = torch.ones(4096)
+        return (sw_random.dropout(x, 0.5, True, mesh, sharded=True),
+                sw_random.dropout(x, 0.5, True, mesh, sharded=False))  # fmt: skip
+
+    inside, outside = masks(11)
+    again_inside, again_outside = masks(11)
+    assert torch.equal(inside, again_inside) and torch.equal(outside, again_outside)  # reproducible
+    every_inside = [torch.empty_like(inside) for _ in range(mesh.tp_size)]
+    every_outside = [torch.empty_like(outside) for _ in range(mesh.tp_size)]
+    dist.all_gather(every_inside, inside)
+    dist.all_gather(every_outside, outside)
+    assert all(torch.equal(every_outside[0], o) for o in every_outside)  # replicated: one mask
+    assert all(not torch.equal(every_inside[0], o) for o in every_inside[1:])  # sharded: one per rank
+    assert 0.4 < (inside == 0).float().mean() < 0.6
+
+
 def model_checks(tp):
     mesh = shardwise.init_mesh(tp)
+    _check_dropout_streams(mesh)
     kv_cases = [None, 2] + ([1] if tp > 1 else [])  # MHA; GQA (replicated kv at tp=4); MQA
     for sp in (False, True):
         _check_module(mesh, lambda m, sp: ParallelMLP(32, 64, "gelu", sequence_parallel=sp, mesh=m), sp, "MLP gelu")
