@@ -8,13 +8,15 @@ from torch.testing import assert_close
 
 import shardwise
 from shardwise.layers.embedding import padded_vocab
-from shardwise.sharding import gather_full, shard_spec
+from shardwise.sharding import balanced_range, gather_full, shard_spec
 
 TOL = dict(atol=1e-5, rtol=1e-5)  # fp32; collectives only reorder sums
 
 
 def _shard(x, dim, mesh):
-    return x.chunk(mesh.tp_size, dim=dim)[mesh.tp_rank]
+    """This rank's share along `dim`: equal, or differing by one where tp does not divide the size."""
+    start, stop = balanced_range(x.shape[dim], mesh.tp_size, mesh.tp_rank)
+    return x.narrow(dim, start, stop - start)
 
 
 def _full_grad(param, mesh):
@@ -124,8 +126,10 @@ def _check_tp_independent_init(mesh):
 
 def _check_bad_inputs(mesh):
     if mesh.tp_size > 1:
-        with pytest.raises(ValueError, match=f"not divisible by tp={mesh.tp_size}"):
-            shardwise.ColumnParallelLinear(8, 4 * mesh.tp_size + 1, mesh=mesh)
+        with pytest.raises(ValueError, match=f"out_features=1 cannot be split over tp={mesh.tp_size}"):
+            shardwise.ColumnParallelLinear(8, 1, mesh=mesh)
+        with pytest.raises(ValueError, match="gather_output needs the default split"):
+            shardwise.ColumnParallelLinear(8, 8, gather_output=True, out_ranges=[(0, 4)], mesh=mesh)
         row = shardwise.RowParallelLinear(8, 4, mesh=mesh)
         with pytest.raises(ValueError, match="input_is_parallel=False"):
             row(torch.randn(2, 8))  # a full input fed to a layer expecting its shard
@@ -144,9 +148,10 @@ def _check_bad_inputs(mesh):
 def layer_checks(tp):
     mesh = shardwise.init_mesh(tp)
     for sp in (False, True):
-        # sizes that are and are not multiples of tp (the linear split needs out/in divisible by tp)
+        # sizes that are and are not multiples of tp (uneven: shares differ by one)
         _check_linear(mesh, tokens=4, fin=8, fout=12, sp=sp)
         _check_linear(mesh, tokens=8, fin=4 * tp, fout=20, sp=sp)
+        _check_linear(mesh, tokens=4, fin=10, fout=13, sp=sp)
         for vocab in (37, 40, 3):
             if vocab >= tp:
                 _check_embedding(mesh, vocab, 6, sp)

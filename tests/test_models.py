@@ -26,7 +26,7 @@ def _compare_grads(model, dense, mesh, where):
         assert torch.count_nonzero(full[name][p.shape[0] :]) == 0
 
 
-def _check_module(mesh, make, sp, where, s=8, b=2, hidden=32):
+def _check_module(mesh, make, sp, where, s=8, b=2, hidden=32):  # noqa: PLR0913
     torch.manual_seed(1)
     model = make(mesh, sp)
     torch.manual_seed(1)
@@ -96,6 +96,11 @@ def model_checks(tp):
                     32, 4, kv, rope=rope, sequence_parallel=sp, mesh=m
                 )
                 _check_module(mesh, make, sp, f"attention kv={kv} rope={rope}")
+        # uneven: 9 heads / 3 kv heads (groups cut across ranks at tp=2 and 4), ffn 50
+        for kv in (9, 3, 1):
+            make = lambda m, sp, kv=kv: ParallelAttention(36, 9, kv, rope=True, sequence_parallel=sp, mesh=m)
+            _check_module(mesh, make, sp, f"attention 9 heads kv={kv}", hidden=36)
+        _check_module(mesh, lambda m, sp: ParallelMLP(32, 50, "swiglu", sequence_parallel=sp, mesh=m), sp, "MLP 50")
         _check_module(
             mesh,
             lambda m, sp: ParallelTransformerBlock(32, 4, 64, num_kv_heads=2, activation="swiglu", norm="rmsnorm",

@@ -191,6 +191,21 @@ def _reduce_scatter(x: torch.Tensor, mesh: Mesh, tag: str, phase: str) -> torch.
     return out
 
 
+def _gather_last_uneven(x: torch.Tensor, sizes: list[int], mesh: Mesh, tag: str, phase: str) -> torch.Tensor:
+    """x: [..., sizes[rank]] -> [..., sum(sizes)]: padded to the largest share, gathered, trimmed."""
+    longest = max(sizes)
+    if x.shape[-1] < longest:
+        x = torch.nn.functional.pad(x, (0, longest - x.shape[-1]))
+    padded = _all_gather(x, -1, mesh, tag, phase)
+    pieces = [padded[..., r * longest : r * longest + n] for r, n in enumerate(sizes)]
+    return torch.cat(pieces, dim=-1)
+
+
+def _split_last_uneven(x: torch.Tensor, sizes: list[int], mesh: Mesh) -> torch.Tensor:
+    start = sum(sizes[: mesh.tp_rank])
+    return x[..., start : start + sizes[mesh.tp_rank]].contiguous()
+
+
 def _split(x: torch.Tensor, dim: int, mesh: Mesh) -> torch.Tensor:
     size = x.shape[dim]
     if size % mesh.tp_size:
@@ -234,24 +249,32 @@ class _ReduceFromTP(torch.autograd.Function):
 
 class _GatherFromTP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, mesh, tag):
-        ctx.mesh = mesh
-        return _all_gather(x, -1, mesh, tag, "fwd")
+    def forward(ctx, x, mesh, tag, sizes):
+        ctx.mesh, ctx.sizes = mesh, sizes
+        if sizes is None:
+            return _all_gather(x, -1, mesh, tag, "fwd")
+        return _gather_last_uneven(x, sizes, mesh, tag, "fwd")
 
     @staticmethod
     def backward(ctx, grad):
-        return _split(grad, -1, ctx.mesh), None, None
+        if ctx.sizes is None:
+            return _split(grad, -1, ctx.mesh), None, None, None
+        return _split_last_uneven(grad, ctx.sizes, ctx.mesh), None, None, None
 
 
 class _ScatterToTP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, mesh, tag):
-        ctx.mesh, ctx.tag = mesh, tag
-        return _split(x, -1, mesh)
+    def forward(ctx, x, mesh, tag, sizes):
+        ctx.mesh, ctx.tag, ctx.sizes = mesh, tag, sizes
+        if sizes is None:
+            return _split(x, -1, mesh)
+        return _split_last_uneven(x, sizes, mesh)
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_gather(grad, -1, ctx.mesh, ctx.tag, "bwd"), None, None
+        if ctx.sizes is None:
+            return _all_gather(grad, -1, ctx.mesh, ctx.tag, "bwd"), None, None, None
+        return _gather_last_uneven(grad, ctx.sizes, ctx.mesh, ctx.tag, "bwd"), None, None, None
 
 
 class _GatherFromSP(torch.autograd.Function):
@@ -310,20 +333,23 @@ class _CopyParamsToTP(torch.autograd.Function):
 
 class _SumGradOverReplicas(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, mesh, tag, start, full_size):
-        ctx.mesh, ctx.tag, ctx.start, ctx.full_size = mesh, tag, start, full_size
+    def forward(ctx, x, mesh, tag, ranges, full_size):
+        ctx.mesh, ctx.tag, ctx.ranges, ctx.full_size = mesh, tag, ranges, full_size
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        # Ranks holding the same rows of a replicated slice add their grads: each rank writes its
-        # rows into a zero buffer of the full size and one all-reduce sums every slice at once.
-        # That moves the full (small: kv heads only) tensor instead of needing a group per slice.
-        n = grad.shape[0]
+        # Ranks holding the same rows add their grads: each rank adds its rows into a zero buffer of
+        # the full size and one all-reduce sums every shared row at once. That moves the full (small:
+        # kv heads only) tensor instead of needing a process group per set of sharing ranks.
         full = grad.new_zeros((ctx.full_size, *grad.shape[1:]))
-        full[ctx.start : ctx.start + n] = grad
+        offset = 0
+        for start, stop in ctx.ranges:
+            full[start:stop] += grad[offset : offset + stop - start]
+            offset += stop - start
         _all_reduce_(full, ctx.mesh, ctx.tag, "bwd")
-        return full[ctx.start : ctx.start + n].clone(), None, None, None, None
+        summed = torch.cat([full[start:stop] for start, stop in ctx.ranges])
+        return summed, None, None, None, None
 
 
 # ---- public API ----------------------------------------------------------------------------------
@@ -339,14 +365,19 @@ def reduce_from_tp(x: torch.Tensor, mesh: Mesh, tag: str = "reduce_from_tp") -> 
     return x if mesh.tp_size == 1 else _ReduceFromTP.apply(x, mesh, tag)
 
 
-def gather_from_tp(x: torch.Tensor, mesh: Mesh, tag: str = "gather_from_tp") -> torch.Tensor:
-    """x: [..., n/tp] -> [..., n], concatenated in rank order."""
-    return x if mesh.tp_size == 1 else _GatherFromTP.apply(x, mesh, tag)
+def gather_from_tp(x: torch.Tensor, mesh: Mesh, tag: str = "gather_from_tp", sizes=None) -> torch.Tensor:
+    """x: [..., n/tp] -> [..., n], concatenated in rank order. `sizes`: every rank's share of the
+    last dim when they differ (uneven splits)."""
+    return x if mesh.tp_size == 1 else _GatherFromTP.apply(x, mesh, tag, _uneven(sizes))
 
 
-def scatter_to_tp(x: torch.Tensor, mesh: Mesh, tag: str = "scatter_to_tp") -> torch.Tensor:
-    """x: [..., n] replicated -> [..., n/tp], this rank's slice."""
-    return x if mesh.tp_size == 1 else _ScatterToTP.apply(x, mesh, tag)
+def scatter_to_tp(x: torch.Tensor, mesh: Mesh, tag: str = "scatter_to_tp", sizes=None) -> torch.Tensor:
+    """x: [..., n] replicated -> [..., n/tp], this rank's slice (`sizes`: uneven shares)."""
+    return x if mesh.tp_size == 1 else _ScatterToTP.apply(x, mesh, tag, _uneven(sizes))
+
+
+def _uneven(sizes):
+    return None if sizes is None or len(set(sizes)) == 1 else list(sizes)
 
 
 def gather_from_sp(x: torch.Tensor, mesh: Mesh, tag: str = "gather_from_sp") -> torch.Tensor:
@@ -373,8 +404,9 @@ def copy_params_to_tp(params: list[torch.Tensor], mesh: Mesh, tag: str = "copy_p
 
 
 def sum_grad_over_replicas(
-    x: torch.Tensor, mesh: Mesh, start: int, full_size: int, tag: str = "sum_grad_over_replicas"
+    x: torch.Tensor, mesh: Mesh, ranges, full_size: int, tag: str = "sum_grad_over_replicas"
 ) -> torch.Tensor:
-    """x: rows [start, start + n) of a [full_size, ...] tensor that several ranks hold (replicated kv
-    heads). Identity forward; backward gives each holder the sum of all holders' grads."""
-    return x if mesh.tp_size == 1 else _SumGradOverReplicas.apply(x, mesh, tag, start, full_size)
+    """x: the rows `ranges` ([(start, stop), ...], concatenated) of a [full_size, ...] tensor of which
+    several ranks hold some rows (shared kv heads). Identity forward; backward gives each holder of
+    a row the sum of all its holders' grads."""
+    return x if mesh.tp_size == 1 else _SumGradOverReplicas.apply(x, mesh, tag, tuple(ranges), full_size)

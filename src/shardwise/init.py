@@ -76,14 +76,15 @@ def make_param(full_shape, fill, spec, dtype: torch.dtype, device) -> torch.nn.P
     tensor drawn as a whole. On the meta device nothing is drawn (from_dense fills it instead)."""
     seed = draw_seed()
     if spec is None:
-        shape, dim, start, size = tuple(full_shape), 0, 0, full_shape[0]
+        dim, ranges = 0, ((0, full_shape[0]),)
     else:
-        dim, start, size = spec.dim, spec.start, spec.size
-        shape = tuple(size if d == dim else n for d, n in enumerate(full_shape))
+        dim, ranges = spec.dim, spec.ranges
+    shape = tuple(sum(b - a for a, b in ranges) if d == dim else n for d, n in enumerate(full_shape))
     if torch.device(device).type == "meta":
         values = torch.empty(shape, dtype=dtype, device="meta")
     else:
-        values = init_shard(tuple(full_shape), seed, fill, dim, start, size, dtype).to(device)
+        pieces = [init_shard(tuple(full_shape), seed, fill, dim, a, b - a, dtype) for a, b in ranges]
+        values = (torch.cat(pieces, dim) if len(pieces) > 1 else pieces[0]).to(device)
     param = torch.nn.Parameter(values)
     param.tp_shard = spec
     return param

@@ -16,25 +16,49 @@ from .mesh import Mesh
 
 @dataclass(frozen=True)
 class ShardSpec:
-    """This rank holds [start, start + size) of dim `dim` of a tensor whose full size there is `full`.
-    `replicated`: other ranks hold the same range (kv heads when kv_heads < tp)."""
+    """This rank's tensor is the concatenation, along `dim`, of the ranges [start, stop) of a tensor
+    whose full size there is `full`. One range for a plain split; several for a fused projection
+    (q, k and v blocks of one weight). `replicated`: other ranks may hold some of the same rows
+    (kv heads shared by ranks), so gathering must not add them up. `valid`: only the first `valid`
+    entries along `dim` are real, the rest is padding that depends on tp (a padded vocabulary)."""
 
     dim: int
-    start: int
-    size: int
+    ranges: tuple[tuple[int, int], ...]
     full: int
     replicated: bool = False
+    valid: int | None = None
+
+    @property
+    def size(self) -> int:
+        return sum(stop - start for start, stop in self.ranges)
+
+    def to_json(self) -> dict:
+        return {"dim": self.dim, "ranges": [list(r) for r in self.ranges], "full": self.full,
+                "replicated": self.replicated, "valid": self.valid}  # fmt: skip
+
+    @staticmethod
+    def from_json(data: dict) -> ShardSpec:
+        ranges = tuple(tuple(r) for r in data["ranges"])
+        return ShardSpec(data["dim"], ranges, data["full"], data["replicated"], data.get("valid"))
 
 
-def even_range(total: int, mesh: Mesh, what: str) -> tuple[int, int]:
-    """(start, size) of this rank's equal share of `total`; ValueError naming the fix if uneven."""
-    tp = mesh.tp_size
-    if total % tp:
-        lower = total // tp * tp
-        options = ", ".join(str(v) for v in (lower, lower + tp) if v > 0)
-        raise ValueError(f"{what}={total} is not divisible by tp={tp}; use a multiple of {tp} (e.g. {options})")
-    size = total // tp
-    return mesh.tp_rank * size, size
+def balanced_range(total: int, parts: int, index: int) -> tuple[int, int]:
+    """[start, stop) of part `index` when `total` is split into `parts` sizes differing by at most one
+    (the first total % parts parts get the extra one)."""
+    base, extra = divmod(total, parts)
+    start = index * base + min(index, extra)
+    return start, start + base + (1 if index < extra else 0)
+
+
+def split_range(total: int, mesh: Mesh, what: str) -> tuple[int, int]:
+    """This rank's [start, stop) of `total` features: equal shares, or shares differing by one where
+    tp does not divide `total`. Every rank needs at least one."""
+    if total < mesh.tp_size:
+        raise ValueError(
+            f"{what}={total} cannot be split over tp={mesh.tp_size} ranks (each needs at least one); "
+            f"use tp <= {total}"
+        )
+    return balanced_range(total, mesh.tp_size, mesh.tp_rank)
 
 
 def mark(param: torch.Tensor, spec: ShardSpec | None) -> torch.Tensor:
@@ -46,23 +70,39 @@ def shard_spec(param: torch.Tensor) -> ShardSpec | None:
     return getattr(param, "tp_shard", None)
 
 
+def take(full: torch.Tensor, spec: ShardSpec | None) -> torch.Tensor:
+    """This rank's shard of a full tensor, as `spec` describes it."""
+    if spec is None:
+        return full
+    pieces = [full.narrow(spec.dim, start, stop - start) for start, stop in spec.ranges]
+    return torch.cat(pieces, dim=spec.dim) if len(pieces) > 1 else pieces[0]
+
+
+def place(full: torch.Tensor, shard: torch.Tensor, spec: ShardSpec) -> None:
+    """Write a shard back into its places in `full` (in place)."""
+    offset = 0
+    for start, stop in spec.ranges:
+        full.narrow(spec.dim, start, stop - start).copy_(shard.narrow(spec.dim, offset, stop - start))
+        offset += stop - start
+
+
 def gather_full(tensor: torch.Tensor, spec: ShardSpec | None, mesh: Mesh) -> torch.Tensor:
     """Reassemble the full tensor from every tp rank's shard (a plain collective, no autograd).
     Every rank of the tp group must call it. Unsharded tensors come back as they are."""
     if spec is None or mesh.tp_size == 1:
         return tensor.detach().clone()
     local = tensor.detach().movedim(spec.dim, 0).contiguous()
-    ranges = [None] * mesh.tp_size
-    dist.all_gather_object(ranges, (spec.start, spec.size), group=mesh.tp_group)
-    longest = max(size for _, size in ranges)
+    specs = [None] * mesh.tp_size
+    dist.all_gather_object(specs, spec.ranges, group=mesh.tp_group)
+    longest = max(sum(b - a for a, b in ranges) for ranges in specs)
     padded = local.new_zeros((longest, *local.shape[1:]))
     padded[: local.shape[0]] = local
     stacked = padded.new_empty((mesh.tp_size * longest, *padded.shape[1:]))
     dist.all_gather_single(stacked, padded, group=mesh.tp_group)
     stacked = stacked.view(mesh.tp_size, *padded.shape)
     full = local.new_zeros((spec.full, *local.shape[1:]))
-    for rank, (start, size) in enumerate(ranges):
-        full[start : start + size] = stacked[rank, :size]
+    for rank, ranges in enumerate(specs):
+        place(full, stacked[rank], ShardSpec(0, ranges, spec.full))
     return full.movedim(0, spec.dim).contiguous()
 
 

@@ -51,12 +51,13 @@ class VocabParallelEmbedding(nn.Module):
         device = device if device is not None else self.mesh.device
         # Drawn over the real vocabulary only, so the table does not depend on tp; padding stays zero.
         real_rows = max(0, min(self.rows_per_rank, num_embeddings - self.vocab_start))
-        spec = ShardSpec(0, self.vocab_start, real_rows, num_embeddings)
+        spec = ShardSpec(0, ((self.vocab_start, self.vocab_start + real_rows),), num_embeddings)
         real = make_param((num_embeddings, embedding_dim), normal_fill(init_std), spec, dtype, device)
         weight = torch.zeros((self.rows_per_rank, embedding_dim), dtype=dtype, device=device)
         weight[:real_rows] = real.detach()
         self.weight = nn.Parameter(weight)
-        self.weight.tp_shard = ShardSpec(0, self.vocab_start, self.rows_per_rank, self.padded_num_embeddings)
+        rows = ((self.vocab_start, self.vocab_start + self.rows_per_rank),)
+        self.weight.tp_shard = ShardSpec(0, rows, self.padded_num_embeddings, valid=num_embeddings)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if ids.dtype not in (torch.int64, torch.int32):

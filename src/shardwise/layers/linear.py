@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .. import comm
 from ..init import linear_fill, make_param
 from ..mesh import Mesh, resolve
-from ..sharding import ShardSpec, even_range
+from ..sharding import ShardSpec, balanced_range, shard_spec, split_range, take
 
 
 def _check_features(name: str, value: int) -> None:
@@ -24,23 +24,24 @@ def _check_features(name: str, value: int) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _check_range(rng: tuple[int, int] | None, total: int, mesh: Mesh, what: str) -> tuple[int, int]:
-    if rng is None:
-        return even_range(total, mesh, what)
-    start, stop = rng
-    if not (0 <= start < stop <= total):
-        raise ValueError(f"{what} range {rng} must satisfy 0 <= start < stop <= {total}")
-    return start, stop - start
+def _check_ranges(ranges, total: int, what: str) -> tuple[tuple[int, int], ...]:
+    ranges = tuple((int(a), int(b)) for a, b in ranges)
+    for start, stop in ranges:
+        if not (0 <= start < stop <= total):
+            raise ValueError(f"{what} range ({start}, {stop}) must satisfy 0 <= start < stop <= {total}")
+    return ranges
 
 
 class ColumnParallelLinear(nn.Module):
-    """Rank i holds rows [start, start + size) of W (out/tp of them by default).
+    """Rank i holds some rows of W: out/tp of them by default (shares differ by one where tp does not
+    divide out).
 
     x: [..., in] replicated (with sequence_parallel: [s/tp, ..., in], this rank's tokens)
-    -> y: [..., out/tp] (gather_output: [..., out]; with sequence_parallel: [s, ..., ...]).
+    -> y: [..., out_local] (gather_output: [..., out]; with sequence_parallel: [s, ..., ...]).
 
-    `out_range=(start, stop)` overrides the even split (uneven heads); `replicated=True` says other
-    ranks hold the same rows, whose grads are then summed across the holders in backward.
+    `out_ranges=[(start, stop), ...]` picks the rows explicitly (whole heads; q, k and v blocks of a
+    fused projection); `replicated=True` says other ranks may hold some of the same rows, whose
+    grads are then summed across their holders in backward.
     """
 
     def __init__(
@@ -52,7 +53,7 @@ class ColumnParallelLinear(nn.Module):
         sequence_parallel: bool = False,
         mesh: Mesh | None = None,
         *,
-        out_range: tuple[int, int] | None = None,
+        out_ranges=None,
         replicated: bool = False,
         init_fill=None,
         device: torch.device | str | None = None,
@@ -64,14 +65,19 @@ class ColumnParallelLinear(nn.Module):
         self.mesh = resolve(mesh)
         self.in_features, self.out_features = in_features, out_features
         self.gather_output, self.sequence_parallel = gather_output, sequence_parallel
-        start, size = _check_range(out_range, out_features, self.mesh, "ColumnParallelLinear out_features")
-        if gather_output and (out_range is not None or replicated):
-            raise ValueError("gather_output needs the even split; drop out_range/replicated or gather yourself")
-        self.out_start, self.out_size, self.replicated = start, size, replicated
+        if out_ranges is None:
+            out_ranges = (split_range(out_features, self.mesh, "ColumnParallelLinear out_features"),)
+            tp = self.mesh.tp_size
+            self._gather_sizes = [b - a for a, b in (balanced_range(out_features, tp, r) for r in range(tp))]
+        elif gather_output:
+            raise ValueError("gather_output needs the default split; drop out_ranges or gather yourself")
+        self.out_ranges = _check_ranges(out_ranges, out_features, "ColumnParallelLinear out_features")
+        self.out_size = sum(b - a for a, b in self.out_ranges)
+        self.replicated = replicated
         self.tag = type(self).__name__
         device = device if device is not None else self.mesh.device
         fill = init_fill or linear_fill(in_features)
-        spec = ShardSpec(0, start, size, out_features, replicated)
+        spec = ShardSpec(0, self.out_ranges, out_features, replicated)
         self.weight = make_param((out_features, in_features), fill, spec, dtype, device)
         if bias:
             self.bias = make_param((out_features,), linear_fill(in_features), spec, dtype, device)
@@ -91,12 +97,12 @@ class ColumnParallelLinear(nn.Module):
         """The local matmul on an already-entered input: [s, ..., in] -> [s, ..., out/tp]."""
         weight, bias = self.weight, self.bias
         if self.replicated:
-            weight = comm.sum_grad_over_replicas(weight, self.mesh, self.out_start, self.out_features, self.tag)
+            weight = comm.sum_grad_over_replicas(weight, self.mesh, self.out_ranges, self.out_features, self.tag)
             if bias is not None:
-                bias = comm.sum_grad_over_replicas(bias, self.mesh, self.out_start, self.out_features, self.tag)
+                bias = comm.sum_grad_over_replicas(bias, self.mesh, self.out_ranges, self.out_features, self.tag)
         y = comm.timed_compute(self.tag, F.linear, x, weight, bias)
         if self.gather_output:
-            y = comm.gather_from_tp(y, self.mesh, self.tag)
+            y = comm.gather_from_tp(y, self.mesh, self.tag, self._gather_sizes)
         return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -107,22 +113,20 @@ class ColumnParallelLinear(nn.Module):
         """This rank's rows of a dense nn.Linear (weight [out, in]); the layer equals the dense one."""
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, mesh=mesh,
                     device="meta", dtype=linear.weight.dtype, **kwargs)  # fmt: skip
-        rows = slice(layer.out_start, layer.out_start + layer.out_size)
-        _adopt(layer, "weight", linear.weight.detach()[rows])
-        if linear.bias is not None:
-            _adopt(layer, "bias", linear.bias.detach()[rows])
+        _adopt_from(layer, linear)
         return layer
 
     def extra_repr(self) -> str:
         return (
-            f"in={self.in_features}, out={self.out_features} (rows {self.out_start}:"
-            f"{self.out_start + self.out_size}), tp={self.mesh.tp_size}, bias={self.bias is not None}, "
+            f"in={self.in_features}, out={self.out_features} (rows {self.out_ranges}), "
+            f"tp={self.mesh.tp_size}, bias={self.bias is not None}, "
             f"gather_output={self.gather_output}, sequence_parallel={self.sequence_parallel}"
         )
 
 
 class RowParallelLinear(nn.Module):
-    """Rank i holds columns [start, start + size) of W (in/tp of them by default).
+    """Rank i holds columns [start, stop) of W (in/tp of them by default, shares differing by one
+    where tp does not divide in; `in_range` picks them, e.g. whole heads).
 
     x: [..., in/tp] (input_is_parallel=False: [..., in], split here) -> y: [..., out] replicated
     (with sequence_parallel: [s/tp, ..., out], this rank's tokens). The bias is added once, after
@@ -149,14 +153,18 @@ class RowParallelLinear(nn.Module):
         self.mesh = resolve(mesh)
         self.in_features, self.out_features = in_features, out_features
         self.input_is_parallel, self.sequence_parallel = input_is_parallel, sequence_parallel
-        start, size = _check_range(in_range, in_features, self.mesh, "RowParallelLinear in_features")
-        if not input_is_parallel and in_range is not None:
-            raise ValueError("input_is_parallel=False splits the input evenly; drop in_range")
-        self.in_start, self.in_size = start, size
+        if in_range is None:
+            in_range = split_range(in_features, self.mesh, "RowParallelLinear in_features")
+            tp = self.mesh.tp_size
+            self._scatter_sizes = [b - a for a, b in (balanced_range(in_features, tp, r) for r in range(tp))]
+        elif not input_is_parallel:
+            raise ValueError("input_is_parallel=False splits the input by the default split; drop in_range")
+        ((start, stop),) = _check_ranges([in_range], in_features, "RowParallelLinear in_features")
+        self.in_start, self.in_size = start, stop - start
         self.tag = type(self).__name__
         device = device if device is not None else self.mesh.device
         fill = init_fill or linear_fill(in_features)
-        spec = ShardSpec(1, start, size, in_features)
+        spec = ShardSpec(1, ((start, stop),), in_features)
         self.weight = make_param((out_features, in_features), fill, spec, dtype, device)
         if bias:
             self.bias = make_param((out_features,), linear_fill(in_features), None, dtype, device)
@@ -167,7 +175,7 @@ class RowParallelLinear(nn.Module):
         if not self.input_is_parallel:
             if x.shape[-1] != self.in_features:
                 raise ValueError(f"{self.tag}: expected input [..., {self.in_features}], got {list(x.shape)}")
-            x = comm.scatter_to_tp(x, self.mesh, self.tag)
+            x = comm.scatter_to_tp(x, self.mesh, self.tag, self._scatter_sizes)
         elif x.shape[-1] != self.in_size:
             raise ValueError(
                 f"{self.tag}: expected this rank's input shard [..., {self.in_size}] (in_features="
@@ -191,9 +199,7 @@ class RowParallelLinear(nn.Module):
         """This rank's columns of a dense nn.Linear (weight [out, in]); the layer equals the dense one."""
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, mesh=mesh,
                     device="meta", dtype=linear.weight.dtype, **kwargs)  # fmt: skip
-        _adopt(layer, "weight", linear.weight.detach()[:, layer.in_start : layer.in_start + layer.in_size])
-        if linear.bias is not None:
-            _adopt(layer, "bias", linear.bias.detach())
+        _adopt_from(layer, linear)
         return layer
 
     def extra_repr(self) -> str:
@@ -204,11 +210,21 @@ class RowParallelLinear(nn.Module):
         )
 
 
-def _adopt(layer: nn.Module, name: str, values: torch.Tensor) -> None:
-    """Replace a (meta) parameter by a copy of `values`, keeping its shard metadata."""
-    old = getattr(layer, name)
-    if tuple(old.shape) != tuple(values.shape):
-        raise ValueError(f"{layer.tag}.{name}: expected shape {tuple(old.shape)}, got {tuple(values.shape)}")
-    new = nn.Parameter(values.clone().to(layer.mesh.device), requires_grad=old.requires_grad)
-    new.tp_shard = getattr(old, "tp_shard", None)
-    setattr(layer, name, new)
+def adopt_shards(layer: nn.Module, dense: dict[str, torch.Tensor]) -> None:
+    """Replace each (meta) parameter of `layer` by its shard of the full tensor `dense[name]`, as its
+    ShardSpec says; the full tensors keep their dense layout ([out, in] for a linear weight)."""
+    for name, full in dense.items():
+        old = getattr(layer, name)
+        values = take(full.detach(), shard_spec(old))
+        if tuple(old.shape) != tuple(values.shape):
+            raise ValueError(f"{layer.tag}.{name}: expected shape {tuple(old.shape)}, got {tuple(values.shape)}")
+        new = nn.Parameter(values.clone().to(layer.mesh.device), requires_grad=old.requires_grad)
+        new.tp_shard = shard_spec(old)
+        setattr(layer, name, new)
+
+
+def _adopt_from(layer: nn.Module, linear: nn.Linear) -> None:
+    dense = {"weight": linear.weight}
+    if linear.bias is not None:
+        dense["bias"] = linear.bias
+    adopt_shards(layer, dense)

@@ -1,56 +1,23 @@
 """Causal self-attention with heads split across tp ranks (Megatron): q/k/v are column-parallel over
 whole heads, each rank attends over its own heads, the output projection is row-parallel.
 
-Grouped-query attention: with num_kv_heads >= tp the kv heads are split like the q heads; with
-num_kv_heads < tp each rank holds the one kv head its q heads use, replicated on tp/num_kv_heads
-ranks, and those replicas' grads are summed in backward so they stay equal.
+Grouped-query attention and uneven splits: each rank holds the kv heads its q heads read (see
+heads.py); a kv head needed on several ranks is held by each, and its grads are summed over them in
+backward so the copies stay equal.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import random as sw_random
+from ..heads import head_layout
 from ..layers import ColumnParallelLinear, RowParallelLinear
 from ..mesh import Mesh, resolve
-
-
-@dataclass(frozen=True)
-class HeadLayout:
-    q_start: int  # first global q head on this rank
-    q_heads: int  # q heads on this rank
-    kv_start: int
-    kv_heads: int
-    kv_replicated: bool
-
-
-def head_layout(num_heads: int, num_kv_heads: int, mesh: Mesh) -> HeadLayout:
-    tp = mesh.tp_size
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
-    if num_heads % tp:
-        fits = [d for d in range(1, num_heads + 1) if num_heads % d == 0]
-        raise ValueError(
-            f"num_heads={num_heads} is not divisible by tp={tp}; use tp in {{{', '.join(map(str, fits))}}} "
-            f"or a head count that is a multiple of {tp}"
-        )
-    q_heads = num_heads // tp
-    q_start = mesh.tp_rank * q_heads
-    if num_kv_heads % tp == 0:
-        kv_heads = num_kv_heads // tp
-        return HeadLayout(q_start, q_heads, mesh.tp_rank * kv_heads, kv_heads, False)
-    if tp % num_kv_heads == 0:
-        group = num_heads // num_kv_heads  # q heads per kv head
-        return HeadLayout(q_start, q_heads, q_start // group, 1, True)
-    raise ValueError(
-        f"num_kv_heads={num_kv_heads} and tp={tp}: one must divide the other so kv heads split or "
-        "replicate whole; pick tp dividing num_kv_heads or a multiple of it"
-    )
 
 
 def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
@@ -79,17 +46,22 @@ class ParallelAttention(nn.Module):
                 raise ValueError(f"hidden={hidden} is not divisible by num_heads={num_heads}; pass head_dim")
             head_dim = hidden // num_heads
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.layout = layout = head_layout(num_heads, num_kv_heads, self.mesh)
+        self.layout = lay = head_layout(num_heads, num_kv_heads, self.mesh.tp_size, self.mesh.tp_rank)
         self.rope, self.rope_theta, self.attn_dropout = rope, rope_theta, attn_dropout
         common = dict(bias=bias, sequence_parallel=sequence_parallel, mesh=self.mesh, device=device, dtype=dtype)
         d = head_dim
-        self.q_proj = ColumnParallelLinear(hidden, num_heads * d, **common)
-        kv_rows = (layout.kv_start * d, (layout.kv_start + layout.kv_heads) * d)
-        self.k_proj = ColumnParallelLinear(hidden, num_kv_heads * d, out_range=kv_rows,
-                                           replicated=layout.kv_replicated, **common)  # fmt: skip
-        self.v_proj = ColumnParallelLinear(hidden, num_kv_heads * d, out_range=kv_rows,
-                                           replicated=layout.kv_replicated, **common)  # fmt: skip
-        self.o_proj = RowParallelLinear(num_heads * d, hidden, **common)
+        q_cols = (lay.q_start * d, lay.q_stop * d)
+        kv_rows = [(lay.kv_start * d, lay.kv_stop * d)]
+        self.q_proj = ColumnParallelLinear(hidden, num_heads * d, out_ranges=[q_cols], **common)
+        self.k_proj = ColumnParallelLinear(hidden, num_kv_heads * d, out_ranges=kv_rows, replicated=lay.kv_shared,
+                                           **common)  # fmt: skip
+        self.v_proj = ColumnParallelLinear(hidden, num_kv_heads * d, out_ranges=kv_rows, replicated=lay.kv_shared,
+                                           **common)  # fmt: skip
+        self.o_proj = RowParallelLinear(num_heads * d, hidden, in_range=q_cols, **common)
+        repeat = lay.uniform_repeat
+        self._kv_repeat = repeat
+        index_device = device if device is not None else self.mesh.device
+        self.register_buffer("_kv_index", torch.tensor(lay.kv_index, device=index_device), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.q_proj.enter(x)  # [s, b, hidden], entered once for q, k and v
@@ -102,9 +74,10 @@ class ParallelAttention(nn.Module):
             positions = torch.arange(s, device=x.device)
             q, k = rotary(q, positions, self.rope_theta), rotary(k, positions, self.rope_theta)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
-        if lay.kv_heads != lay.q_heads:
-            repeat = lay.q_heads // lay.kv_heads
-            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        if self._kv_repeat is None:  # an uneven split cut a kv group: pick each q head's kv head
+            k, v = k.index_select(1, self._kv_index), v.index_select(1, self._kv_index)
+        elif self._kv_repeat > 1:
+            k, v = k.repeat_interleave(self._kv_repeat, dim=1), v.repeat_interleave(self._kv_repeat, dim=1)
         if self.training and self.attn_dropout > 0.0:
             # Explicit softmax so the dropout mask comes from this rank's tp stream: heads differ per rank.
             scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)
