@@ -33,6 +33,7 @@ class VocabParallelEmbedding(nn.Module):
         mesh: Mesh | None = None,
         *,
         sequence_parallel: bool = False,
+        padding_idx: int | None = None,
         init_std: float = 1.0,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
@@ -47,6 +48,12 @@ class VocabParallelEmbedding(nn.Module):
         self.rows_per_rank = self.padded_num_embeddings // self.mesh.tp_size
         self.vocab_start = self.mesh.tp_rank * self.rows_per_rank
         self.sequence_parallel = sequence_parallel
+        if padding_idx is not None and not 0 <= padding_idx < num_embeddings:
+            raise ValueError(f"padding_idx={padding_idx} must lie in [0, {num_embeddings})")
+        # nn.Embedding semantics: the padding row gets no gradient. Only the rank holding it knows.
+        self.padding_idx = padding_idx
+        local_pad = None if padding_idx is None else padding_idx - self.vocab_start
+        self._local_padding_idx = local_pad if local_pad is not None and 0 <= local_pad < self.rows_per_rank else None
         self.tag = type(self).__name__
         device = device if device is not None else self.mesh.device
         # Drawn over the real vocabulary only, so the table does not depend on tp; padding stays zero.
@@ -68,10 +75,10 @@ class VocabParallelEmbedding(nn.Module):
                 f"[{int(ids.min())}, {int(ids.max())}]"
             )
         if self.mesh.tp_size == 1:
-            return F.embedding(ids, self.weight)
+            return F.embedding(ids, self.weight, self._local_padding_idx)
         local = ids - self.vocab_start
         outside = (local < 0) | (local >= self.rows_per_rank)
-        rows = F.embedding(local.masked_fill(outside, 0), self.weight)
+        rows = F.embedding(local.masked_fill(outside, 0), self.weight, self._local_padding_idx)
         rows = rows.masked_fill(outside.unsqueeze(-1), 0.0)
         if self.sequence_parallel:
             return comm.reduce_scatter_to_sp(rows, self.mesh, self.tag)
@@ -80,6 +87,7 @@ class VocabParallelEmbedding(nn.Module):
     @classmethod
     def from_dense(cls, embedding: nn.Embedding, mesh: Mesh | None = None, **kwargs) -> VocabParallelEmbedding:
         """This rank's rows of a dense nn.Embedding (weight [V, d]), zero-padded to V'/tp rows."""
+        kwargs.setdefault("padding_idx", embedding.padding_idx)
         layer = cls(embedding.num_embeddings, embedding.embedding_dim, mesh=mesh, device="meta",
                     dtype=embedding.weight.dtype, **kwargs)  # fmt: skip
         dense = embedding.weight.detach()
@@ -97,3 +105,37 @@ class VocabParallelEmbedding(nn.Module):
             f"{self.vocab_start + self.rows_per_rank}), {self.embedding_dim}, tp={self.mesh.tp_size}, "
             f"sequence_parallel={self.sequence_parallel}"
         )
+
+
+class TiedLMHead(nn.Module):
+    """The output layer sharing a VocabParallelEmbedding's table: column-parallel over the vocabulary.
+
+    x: [..., d] replicated -> logits [..., vocab] (gather_output, padding dropped) or this rank's
+    [..., V'/tp] columns (feed those to vocab_parallel_cross_entropy: nothing is gathered)."""
+
+    def __init__(self, embedding: VocabParallelEmbedding, gather_output: bool = True, bias: torch.Tensor | None = None):
+        """bias: [vocab] (the dense output layer's, e.g. BERT's MLM decoder), replicated."""
+        super().__init__()
+        if embedding.sequence_parallel:
+            raise ValueError("TiedLMHead expects replicated input; gather the sequence-parallel tokens first")
+        if bias is not None and not gather_output:
+            raise ValueError("a tied output layer with a bias needs gather_output=True (the bias spans the vocab)")
+        # Replicated, added after the gather ([vocab] is small). Kept as the dense Parameter itself:
+        # it may be tied too (BERT's cls.predictions.bias is decoder.bias).
+        if bias is not None and not isinstance(bias, nn.Parameter):
+            bias = nn.Parameter(bias.detach().clone())
+        self.bias = bias
+        # The very same Parameter as the embedding's (as in the dense model): one tensor, updated once,
+        # and the state_dict keeps both names like the dense one does.
+        self.weight = embedding.weight
+        self.vocab_size = embedding.num_embeddings
+        self.mesh, self.gather_output = embedding.mesh, gather_output
+        self.tag = type(self).__name__
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = comm.copy_to_tp(x, self.mesh, self.tag)
+        logits = comm.timed_compute(self.tag, F.linear, x, self.weight)
+        if not self.gather_output:
+            return logits
+        logits = comm.gather_from_tp(logits, self.mesh, self.tag)[..., : self.vocab_size]
+        return logits if self.bias is None else logits + self.bias
