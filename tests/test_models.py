@@ -8,7 +8,9 @@ from torch.testing import assert_close
 
 import shardwise
 from shardwise import random as sw_random
+from shardwise.generation import generate
 from shardwise.nn import GPT, GPTConfig, ParallelAttention, ParallelMLP, ParallelTransformerBlock
+from shardwise.nn.attention import KVCache
 from shardwise.sharding import full_gradients
 
 TOL = dict(atol=1e-5, rtol=1e-5)  # fp32
@@ -82,9 +84,31 @@ def _check_dropout_streams(mesh):
     assert 0.4 < (inside == 0).float().mean() < 0.6
 
 
+def _check_generation(mesh):
+    cfg = GPTConfig(vocab_size=61, hidden=48, num_layers=2, num_heads=6, num_kv_heads=3)  # uneven at tp=4
+    torch.manual_seed(5)
+    model = GPT(cfg, mesh)
+    torch.manual_seed(5)
+    dense = GPT(cfg, shardwise.Mesh.single())
+    prompt = torch.randint(0, 61, (2, 5), generator=torch.Generator().manual_seed(9))
+    greedy = generate(model, prompt, 20)
+    assert torch.equal(greedy, generate(dense, prompt, 20))
+    assert torch.equal(greedy, generate(model, prompt, 20, use_cache=False))  # the cache changes nothing
+    sampled = generate(model, prompt, 20, temperature=0.8, top_k=10, seed=3)
+    assert torch.equal(sampled, generate(dense, prompt, 20, temperature=0.8, top_k=10, seed=3))
+    every = [torch.empty_like(sampled) for _ in range(mesh.tp_size)]
+    dist.all_gather(every, sampled)
+    assert all(torch.equal(every[0], other) for other in every)  # all ranks decode the same tokens
+    # each rank's cache holds only its own kv heads
+    caches = [KVCache() for _ in model.blocks]
+    model(prompt, caches=caches)
+    assert caches[0].keys.shape == (2, model.blocks[0].attn.layout.kv_heads, 5, 8)
+
+
 def model_checks(tp):
     mesh = shardwise.init_mesh(tp)
     _check_dropout_streams(mesh)
+    _check_generation(mesh)
     kv_cases = [None, 2] + ([1] if tp > 1 else [])  # MHA; GQA (replicated kv at tp=4); MQA
     for sp in (False, True):
         _check_module(mesh, lambda m, sp: ParallelMLP(32, 64, "gelu", sequence_parallel=sp, mesh=m), sp, "MLP gelu")

@@ -31,6 +31,26 @@ def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tens
     return x * cos + torch.cat([-second, first], dim=-1) * sin
 
 
+class KVCache:
+    """One attention layer's cached keys and values: [b, local kv heads, tokens so far, head_dim]."""
+
+    def __init__(self):
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def extend(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys is None:
+            self.keys, self.values = keys, values
+        else:
+            self.keys = torch.cat([self.keys, keys], dim=2)
+            self.values = torch.cat([self.values, values], dim=2)
+        return self.keys, self.values
+
+
 class ParallelAttention(nn.Module):
     """x: [s, b, hidden] (sequence_parallel: [s/tp, b, hidden]) -> same shape."""
 
@@ -58,22 +78,31 @@ class ParallelAttention(nn.Module):
         self.v_proj = ColumnParallelLinear(hidden, num_kv_heads * d, out_ranges=kv_rows, replicated=lay.kv_shared,
                                            **common)  # fmt: skip
         self.o_proj = RowParallelLinear(num_heads * d, hidden, in_range=q_cols, **common)
-        repeat = lay.uniform_repeat
-        self._kv_repeat = repeat
+        self._kv_repeat = lay.uniform_repeat
         index_device = device if device is not None else self.mesh.device
         self.register_buffer("_kv_index", torch.tensor(lay.kv_index, device=index_device), persistent=False)
+        # How the full tensors are cut, so a checkpoint can be resharded offline to another tp.
+        hint = {"kind": "heads", "num_heads": num_heads, "num_kv_heads": num_kv_heads, "head_dim": d}
+        for role, proj in (("q", self.q_proj), ("kv", self.k_proj), ("kv", self.v_proj)):
+            for param in proj.parameters():
+                param.tp_layout = hint | {"role": role}
+        self.o_proj.weight.tp_layout = hint | {"role": "o"}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """cache: this layer's keys and values so far (generation); it is extended in place."""
         x = self.q_proj.enter(x)  # [s, b, hidden], entered once for q, k and v
         s, b = x.shape[0], x.shape[1]
         lay = self.layout
         q = self.q_proj.project(x).view(s, b, lay.q_heads, self.head_dim)
         k = self.k_proj.project(x).view(s, b, lay.kv_heads, self.head_dim)
         v = self.v_proj.project(x).view(s, b, lay.kv_heads, self.head_dim)
+        past = 0 if cache is None else cache.length
         if self.rope:
-            positions = torch.arange(s, device=x.device)
+            positions = torch.arange(past, past + s, device=x.device)
             q, k = rotary(q, positions, self.rope_theta), rotary(k, positions, self.rope_theta)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
+        if cache is not None:
+            k, v = cache.extend(k, v)  # [b, local kv heads, past + s, d]: only this rank's heads
         if self._kv_repeat is None:  # an uneven split cut a kv group: pick each q head's kv head
             k, v = k.index_select(1, self._kv_index), v.index_select(1, self._kv_index)
         elif self._kv_repeat > 1:
@@ -85,7 +114,10 @@ class ParallelAttention(nn.Module):
             probs = scores.masked_fill(causal, float("-inf")).softmax(dim=-1)
             probs = sw_random.dropout(probs, self.attn_dropout, True, self.mesh, sharded=True)
             out = probs @ v
-        else:
+        elif past == 0:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # new queries sit after the cached keys: query i sees keys up to past + i
+            visible = torch.arange(s, device=x.device)[:, None] + past >= torch.arange(past + s, device=x.device)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
         out = out.permute(2, 0, 1, 3).reshape(s, b, lay.q_heads * self.head_dim)
         return self.o_proj(out)

@@ -40,6 +40,7 @@ class ParallelTransformerBlock(nn.Module):
         # Under sequence parallelism each rank holds other tokens, so masks come from the tp stream.
         return sw_random.dropout(x, self.dropout, self.training, self.mesh, sharded=self.sequence_parallel)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self._drop(self.attn(self.norm1(x)))
+    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+        """cache: an attention.KVCache for generation (None in training)."""
+        x = x + self._drop(self.attn(self.norm1(x), cache))
         return x + self._drop(self.mlp(self.norm2(x)))

@@ -56,7 +56,8 @@ class GPT(nn.Module):
         )
         self.norm = Norm(config.hidden, config.norm, sequence_parallel=sp, mesh=self.mesh, device=device, dtype=dtype)
 
-    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None, caches=None) -> torch.Tensor:
+        """caches: one attention.KVCache per block, extended in place (generation; see generation.py)."""
         if ids.dim() != 2:
             raise ValueError(f"ids must be [batch, seq], got shape {list(ids.shape)}")
         cfg, mesh = self.config, self.mesh
@@ -67,8 +68,10 @@ class GPT(nn.Module):
             )
         x = self.embed(ids.t())  # [s, b, h] (sequence-parallel: [s/tp, b, h])
         x = sw_random.dropout(x, cfg.dropout, self.training, mesh, sharded=cfg.sequence_parallel)
-        for block in self.blocks:
-            x = block(x)
+        if caches is not None and (cfg.sequence_parallel or len(caches) != len(self.blocks)):
+            raise ValueError("caches need one KVCache per block and sequence_parallel=False (decode tokens one by one)")
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if caches is None else caches[i])
         x = self.norm(x)
         # Output layer tied to the embedding: column-parallel over the vocabulary.
         if cfg.sequence_parallel:
