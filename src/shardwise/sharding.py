@@ -119,3 +119,12 @@ def full_gradients(model: torch.nn.Module, mesh: Mesh) -> dict[str, torch.Tensor
         grad = p.grad if p.grad is not None else torch.zeros_like(p)
         out[name] = gather_full(grad, shard_spec(p), mesh)
     return out
+
+
+def dense_layout(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A gathered full tensor in the dense model's own layout: vocabulary padding dropped, and
+    transposed back where the dense module stored it [in, out] (transformers' Conv1D)."""
+    spec = shard_spec(param)
+    if spec is not None and spec.valid is not None:
+        full = full.narrow(spec.dim, 0, spec.valid)
+    return full.t() if getattr(param, "tp_transposed", False) else full
