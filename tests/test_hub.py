@@ -22,11 +22,11 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def smollm2(request, tmp_path_factory):
-    # The pytest cache dir persists between runs: the ~30 s GGUF conversion is paid once, later runs load in ~1 s.
-    cache = request.config.cache
-    cache_dir = cache.mkdir("shardwise-smollm2") if cache is not None else tmp_path_factory.mktemp("smollm2")
-    return hub.load_smollm2(cache_dir=cache_dir)
+def smollm2():
+    # The same cache the CLI uses: the ~30 s GGUF conversion is paid once, later loads take ~1 s.
+    from shardwise.models import default_cache_dir
+
+    return hub.load_smollm2(cache_dir=default_cache_dir() / "smollm2-135m")
 
 
 def test_gguf_is_found_without_importing_the_wheel():
