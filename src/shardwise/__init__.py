@@ -10,12 +10,22 @@ from .layers import (
 )
 from .mesh import Mesh, get_mesh, init_mesh, set_default_mesh
 from .nn import GPT, GPTConfig, ParallelAttention, ParallelMLP, ParallelTransformerBlock
+from .checkpoint import consolidate, load_sharded, reshard, save_sharded
+from .parallelize import FusedQKV, Heads, Patch, parallelize
 from .profile import Profile, profile
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ColumnParallelLinear",
+    "FusedQKV",
+    "Heads",
+    "Patch",
+    "consolidate",
+    "load_sharded",
+    "parallelize",
+    "reshard",
+    "save_sharded",
     "GPT",
     "GPTConfig",
     "ParallelAttention",
