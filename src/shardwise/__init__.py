@@ -1,6 +1,7 @@
 """shardwise: Megatron-style tensor parallelism for PyTorch."""
 
-from . import comm
+from . import comm, costmodel
+from .checkpoint import consolidate, load_sharded, reshard, save_sharded
 from .launch import RankFailure, launch
 from .layers import (
     ColumnParallelLinear,
@@ -10,7 +11,6 @@ from .layers import (
 )
 from .mesh import Mesh, get_mesh, init_mesh, set_default_mesh
 from .nn import GPT, GPTConfig, ParallelAttention, ParallelMLP, ParallelTransformerBlock
-from .checkpoint import consolidate, load_sharded, reshard, save_sharded
 from .parallelize import FusedQKV, Heads, Patch, parallelize
 from .profile import Profile, profile
 
@@ -37,6 +37,7 @@ __all__ = [
     "RowParallelLinear",
     "VocabParallelEmbedding",
     "comm",
+    "costmodel",
     "get_mesh",
     "init_mesh",
     "launch",

@@ -71,12 +71,62 @@ def _model_parsers(sub) -> None:
     g.add_argument("--check", action="store_true", help="also generate with the dense model and compare")
 
 
+def _measure_parsers(sub) -> None:
+    c = sub.add_parser(
+        "calibrate",
+        help="measure all-reduce/all-gather/reduce-scatter (4 B..64 MiB) and matmul speed; fit alpha + beta*bytes",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    c.add_argument("--tp", type=int, default=2, help="ranks to measure on (local gloo processes)")
+    c.add_argument("--out", default=None, help="JSON file to write (default: ~/.cache/shardwise/calibration.json)")
+    c.add_argument("--max-mib", type=int, default=64, help="largest message size, MiB")
+    c.add_argument("--hidden", type=int, default=1024, help="hidden size of the matmul shapes measured")
+    c.add_argument("--tokens", type=int, default=512, help="tokens of the matmul shapes measured")
+
+    p = sub.add_parser(
+        "plan",
+        help="rank TP degrees for a model on some hardware by predicted step time, memory and R(m)",
+        description="Predict, for every TP degree dividing --devices, per-layer compute and communication time, "
+        "R(m) = comm/compute, memory per rank and step time, and recommend one.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="preset (llama-7b, llama3-8b, llama-13b, llama-70b, smollm2-135m), "
+                   "a JSON file of ModelConfig fields, or a Hugging Face config.json/folder")  # fmt: skip
+    p.add_argument("--devices", type=int, required=True, help="devices in all (tp * dp)")
+    p.add_argument("--hardware", default="h100-nvlink", help="named profile with published figures: h100-nvlink, "
+                   "h100-nvlink-100g, a100-nvlink, a100-pcie")  # fmt: skip
+    p.add_argument("--calibration", default=None, help="use a `shardwise calibrate` JSON instead of --hardware")
+    p.add_argument("--seq", type=int, default=None, help="sequence length (default: the config's)")
+    p.add_argument("--micro-batch", type=int, default=None, help="micro-batch per dp rank")
+    p.add_argument("--global-batch", type=int, default=None, help="sequences per step (default: devices x micro)")
+    p.add_argument("--dtype-bytes", type=int, default=None, help="2 for bf16 (default), 4 for fp32")
+    p.add_argument("--sequence-parallel", choices=["auto", "on", "off"], default="auto")
+    p.add_argument("--json", default=None, help="also write the table as JSON here")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="shardwise", description="Megatron-style tensor parallelism for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
     _demo_parser(sub)
     _model_parsers(sub)
+    _measure_parsers(sub)
     args = parser.parse_args(argv)
+    if args.command == "calibrate":
+        from .calibrate import main as calibrate_main
+        from .models import default_cache_dir
+
+        out = args.out or str(default_cache_dir() / "calibration.json")
+        calibrate_main(args.tp, out, args.max_mib * 2**20, args.hidden, args.tokens)
+        return 0
+    if args.command == "plan":
+        from .planner import main as plan_main
+
+        sp = {"auto": None, "on": True, "off": False}[args.sequence_parallel]
+        try:
+            return plan_main(args.model, args.devices, args.hardware, args.calibration, args.seq, args.micro_batch,
+                             args.global_batch, args.dtype_bytes, sp, args.json)  # fmt: skip
+        except ValueError as exc:
+            parser.error(str(exc))
     if args.command in ("verify", "generate"):
         if args.tp < 1:
             parser.error(f"--tp must be >= 1, got {args.tp}")
