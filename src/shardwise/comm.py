@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -34,9 +34,19 @@ class CollectiveEvent:
     numel: int  # elements of the full (unsharded) tensor the op moves: b*s*h for the block's ops
     nbytes: int
     dtype: torch.dtype
-    seconds: float
+    seconds: float | None  # None until resolve() on CUDA, where the time comes from CUDA events
     tag: str  # name of the layer that issued it
     phase: str  # fwd | bwd
+    start: float = 0.0  # time.perf_counter() when it was issued
+    cuda_events: tuple | None = None
+
+    def resolve(self) -> CollectiveEvent:
+        """The event with its time filled in (waits for the GPU to reach the end event)."""
+        if self.seconds is not None or self.cuda_events is None:
+            return self
+        begin, end = self.cuda_events
+        end.synchronize()
+        return replace(self, seconds=begin.elapsed_time(end) / 1e3, cuda_events=None)
 
 
 @dataclass(frozen=True)
@@ -44,6 +54,7 @@ class ComputeEvent:
     tag: str
     phase: str  # fwd | bwd
     seconds: float
+    start: float = 0.0
 
 
 _observers: list[Callable[[CollectiveEvent | ComputeEvent], None]] = []
@@ -61,23 +72,22 @@ def _collective(op: str, numel: int, tensor: torch.Tensor, mesh: Mesh, tag: str,
     if not _observers:
         run()
         return
-    if tensor.is_cuda:  # wall clock only means something once the stream is drained
-        torch.cuda.synchronize(tensor.device)
     start = time.perf_counter()
-    run()
+    timing = None
     if tensor.is_cuda:
-        torch.cuda.synchronize(tensor.device)
-    event = CollectiveEvent(
-        op=op,
-        group_size=mesh.tp_size,
-        numel=numel,
-        nbytes=numel * tensor.element_size(),
-        dtype=tensor.dtype,
-        seconds=time.perf_counter() - start,
-        tag=tag,
-        phase=phase,
-    )
-    _emit(event)
+        # CUDA events on the compute stream: the time it waited on the collective, without draining the
+        # GPU after every op (which would serialise what the profiler is meant to observe).
+        timing = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        timing[0].record()
+        run()
+        timing[1].record()
+        seconds = None
+    else:
+        run()
+        seconds = time.perf_counter() - start
+    _emit(CollectiveEvent(op=op, group_size=mesh.tp_size, numel=numel, nbytes=numel * tensor.element_size(),
+                          dtype=tensor.dtype, seconds=seconds, tag=tag, phase=phase, start=start,
+                          cuda_events=timing))  # fmt: skip
 
 
 def _now(t: torch.Tensor) -> float:
@@ -117,7 +127,8 @@ class _SpanStart(torch.autograd.Function):
     def backward(ctx, grad):
         span = ctx.span
         if "bwd_start" in span:
-            _emit(ComputeEvent(span["tag"], "bwd", _now(grad) - span.pop("bwd_start")))
+            begin = span.pop("bwd_start")
+            _emit(ComputeEvent(span["tag"], "bwd", _now(grad) - begin, begin))
         return grad, None
 
 
@@ -134,7 +145,7 @@ def timed_compute(tag: str, fn, x: torch.Tensor, *args):
         args = (_SpanStart.apply(args[0], span), *args[1:])
     start = _now(x)
     y = fn(x, *args)
-    _emit(ComputeEvent(tag, "fwd", _now(y) - start))
+    _emit(ComputeEvent(tag, "fwd", _now(y) - start, start))
     return _SpanEnd.apply(y, span) if y.requires_grad else y
 
 

@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import shardwise
+from shardwise import plots
 from shardwise.nn import ParallelMLP, ParallelTransformerBlock
 from shardwise.profile import Profile
 from shardwise.sharding import full_parameters
@@ -121,6 +122,8 @@ def run_rank(cfg: DemoConfig) -> dict | None:
     final = full_parameters(model, mesh)
     if not lead:
         return None
+    trace = cfg.report.removesuffix(".json") + "-trace.json"
+    prof.to_chrome_trace(trace, rank=mesh.rank)
     weight_diff = None
     if dense is not None:
         weight_diff = max((final[n] - p.detach()).abs().max().item() for n, p in dense.named_parameters())
@@ -131,6 +134,7 @@ def run_rank(cfg: DemoConfig) -> dict | None:
         "max_abs_diff_weights_after_training": weight_diff,
         **prof.to_dict(skip_steps=min(cfg.warmup, cfg.steps - 1)),
         "summary_table": prof.summary(skip_steps=min(cfg.warmup, cfg.steps - 1)),
+        "trace": trace,
     }
 
 
@@ -164,9 +168,15 @@ def main(cfg: DemoConfig, tolerance: float = 1e-4) -> int:
         print(f"vs dense: max |output diff| over all steps = {report['max_abs_diff_output']:.2e}, "
               f"max |weight diff| after {cfg.steps} steps = {report['max_abs_diff_weights_after_training']:.2e}")
     report["elapsed_s"] = elapsed
+    stem = cfg.report.removesuffix(".json")
+    title = f"shardwise demo, tp={cfg.tp}{', sequence parallel' if cfg.sequence_parallel else ''} (rank 0)"
+    report["plots"] = [
+        plots.steps_chart(report["steps"], f"{stem}-steps.png", title),
+        plots.layers_chart(report["layers"], f"{stem}-layers.png", title),
+    ]
     with open(cfg.report, "w") as f:
         json.dump(report, f, indent=1, default=str)
-    print(f"report: {cfg.report}   ({elapsed:.1f} s)")
+    print(f"report: {cfg.report}, trace: {report['trace']}, plots: {', '.join(report['plots'])}   ({elapsed:.1f} s)")
     if cfg.check and report["max_abs_diff_output"] > tolerance:
         print(f"FAIL: tensor-parallel output differs from dense by more than {tolerance:g}", file=sys.stderr)
         return 1

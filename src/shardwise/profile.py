@@ -74,6 +74,8 @@ class Profile:
         """Close a step: its wall time and the comm/compute inside it. Extra fields are kept."""
         now = time.perf_counter()
         first_collective, first_compute = self._mark
+        # CUDA-timed events get their times now, once per step, not after every collective.
+        self.collectives[first_collective:] = [e.resolve() for e in self.collectives[first_collective:]]
         collectives = self.collectives[first_collective:]
         computes = self.computes[first_compute:]
         wall = now - self._step_start
@@ -155,8 +157,26 @@ class Profile:
         with open(path, "w") as f:
             json.dump({**extra, **self.to_dict(skip_steps)}, f, indent=1, default=str)
 
+    def to_chrome_trace(self, path: str, rank: int = 0) -> None:
+        """A Chrome / Perfetto trace (chrome://tracing, ui.perfetto.dev): compute spans on one track,
+        collectives on another, per layer."""
+        events = [e.resolve() for e in self.collectives]
+        origin = min([e.start for e in events] + [e.start for e in self.computes] + [float("inf")])
+        trace = []
+        for e in events:
+            trace.append({"name": f"{e.op} {e.tag}", "cat": "comm", "ph": "X", "pid": rank, "tid": 1,
+                          "ts": (e.start - origin) * 1e6, "dur": e.seconds * 1e6,
+                          "args": {"bytes": e.nbytes, "phase": e.phase, "group_size": e.group_size}})  # fmt: skip
+        for e in self.computes:
+            trace.append({"name": f"{e.phase} {e.tag}", "cat": "compute", "ph": "X", "pid": rank, "tid": 0,
+                          "ts": (e.start - origin) * 1e6, "dur": e.seconds * 1e6})  # fmt: skip
+        names = [{"name": "thread_name", "ph": "M", "pid": rank, "tid": t, "args": {"name": n}}
+                 for t, n in ((0, "compute"), (1, "collectives"))]  # fmt: skip
+        with open(path, "w") as f:
+            json.dump({"traceEvents": names + trace, "displayTimeUnit": "ms"}, f)
+
     def events(self) -> list[dict]:
-        return [asdict(e) | {"dtype": str(e.dtype)} for e in self.collectives]
+        return [asdict(e.resolve()) | {"dtype": str(e.dtype), "cuda_events": None} for e in self.collectives]
 
 
 def _human(n: float) -> str:
