@@ -68,16 +68,26 @@ HARDWARE = {
 }  # fmt: skip
 
 
+def link_from_fit(op: str, fit: dict, m: int) -> Link:
+    """Turn T = alpha + beta * bytes, measured for `op` over m ranks, into the ring's per-step latency
+    and per-link bandwidth, so the same link predicts other group sizes."""
+    steps, fraction = ring_steps(op, m)
+    return Link(fit["alpha_s"] / max(steps, 1), fraction / fit["beta_s_per_byte"])
+
+
+def measured_hardware(fit: dict, flops: float, m: int, op: str = "all_reduce") -> Hardware:
+    """A one-node Hardware from one op's measured fit and a measured matmul FLOP/s."""
+    link = link_from_fit(op, fit, m)
+    return Hardware("measured", flops, 2**40, m, link, link, links={op: link})
+
+
 def from_calibration(path: str) -> Hardware:
     """Hardware measured here by `shardwise calibrate`: one link per op (fitted at the calibrated group
     size), the matmul FLOP/s measured at the layer shapes, one node."""
     with open(path) as f:
         cal = json.load(f)
     m = cal["tp"]
-    links = {}
-    for op, fit in cal["fits"].items():
-        steps, fraction = ring_steps(op, m)
-        links[op] = Link(fit["alpha_s"] / max(steps, 1), fraction / fit["beta_s_per_byte"])
+    links = {op: link_from_fit(op, fit, m) for op, fit in cal["fits"].items()}
     flops = cal["matmul_flops"]
     any_link = links.get("all_reduce", next(iter(links.values())))
     return Hardware(f"calibrated:{cal.get('host', 'here')}", flops, cal.get("memory_bytes", 16 * 2**30),
@@ -127,6 +137,12 @@ PRESETS = {
     "llama-70b": ModelConfig(hidden=8192, ffn=28672, heads=64, kv_heads=8, layers=80, vocab=32000, seq=4096),
     "smollm2-135m": ModelConfig(hidden=576, ffn=1536, heads=9, kv_heads=3, layers=30, vocab=49152, seq=2048),
 }
+
+
+def block_config(hidden: int, heads: int, seq: int, batch: int) -> ModelConfig:
+    """The GPT block of the scaling benchmark: GELU MLP of 4h, MHA, fp32, scores kept (plain SDPA)."""
+    return ModelConfig(hidden=hidden, ffn=4 * hidden, heads=heads, kv_heads=heads, layers=1, vocab=1, seq=seq,
+                       micro_batch=batch, dtype_bytes=4, swiglu=False, flash_attention=False)  # fmt: skip
 
 
 def layer_flops(cfg: ModelConfig) -> float:
