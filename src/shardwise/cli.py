@@ -83,6 +83,17 @@ def _measure_parsers(sub) -> None:
     c.add_argument("--hidden", type=int, default=1024, help="hidden size of the matmul shapes measured")
     c.add_argument("--tokens", type=int, default=512, help="tokens of the matmul shapes measured")
 
+    b = sub.add_parser(
+        "bench",
+        help="time a GPT block at tp 1 and 2 here and compare with the cost model's prediction (JSON + PNG)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    b.add_argument("--hidden", type=int, default=1024, help="hidden size")
+    b.add_argument("--heads", type=int, default=16, help="attention heads")
+    b.add_argument("--seq", type=int, default=512, help="tokens per step")
+    b.add_argument("--steps", type=int, default=20, help="timed steps per degree (median reported)")
+    b.add_argument("--out", default=".", help="folder for scaling-<date>.json and scaling-R.png")
+
     p = sub.add_parser(
         "plan",
         help="rank TP degrees for a model on some hardware by predicted step time, memory and R(m)",
@@ -117,6 +128,11 @@ def main(argv: list[str] | None = None) -> int:
 
         out = args.out or str(default_cache_dir() / "calibration.json")
         calibrate_main(args.tp, out, args.max_mib * 2**20, args.hidden, args.tokens)
+        return 0
+    if args.command == "bench":
+        from .benchmark import main as bench_main
+
+        bench_main(args.hidden, args.heads, args.seq, 1, args.steps, args.out)
         return 0
     if args.command == "plan":
         from .planner import main as plan_main
