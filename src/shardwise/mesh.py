@@ -86,6 +86,13 @@ def init_mesh(tp: int, dp: int = 1, *, backend: str | None = None, timeout_s: fl
         atexit.register(_destroy_process_group)
     world_size = dist.get_world_size()
     rank = dist.get_rank()
+    if world_size > 1:
+        # Every rank must ask for the same grid, or the group creation below would hang: compare first.
+        asked = [None] * world_size
+        dist.all_gather_object(asked, (tp, dp))
+        if len(set(asked)) > 1:
+            detail = ", ".join(f"rank {r}: tp={t} dp={d}" for r, (t, d) in enumerate(asked))
+            raise ValueError(f"ranks asked for different meshes ({detail}); pass the same tp and dp on every rank")
     _check_grid(tp, dp, world_size)
 
     tp_group = dp_group = None
