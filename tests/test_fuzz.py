@@ -1,0 +1,154 @@
+"""Property-based tests: random shapes, tp degrees and configs. Each case either equals the dense result
+or raises a clear ValueError; nothing hangs (multi-rank cases run under a short collective timeout) and
+no rank fails alone (every rank draws the same examples: derandomized, no shrinking)."""
+
+import torch
+import torch.nn as nn
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+from torch.testing import assert_close
+
+import shardwise
+from shardwise.checkpoint import consolidate, reshard, save_sharded
+from shardwise.heads import head_layout
+from shardwise.nn import GPT, GPTConfig, ParallelAttention
+from shardwise.sharding import balanced_range, gather_full, shard_spec
+
+SAME_ON_EVERY_RANK = settings(derandomize=True, database=None, deadline=None, phases=[Phase.explicit, Phase.generate],
+                              suppress_health_check=list(HealthCheck))  # fmt: skip
+
+
+@given(total=st.integers(1, 200), parts=st.integers(1, 16))
+def test_balanced_ranges_tile_the_whole(total, parts):
+    ranges = [balanced_range(total, parts, i) for i in range(parts)]
+    assert ranges[0][0] == 0 and ranges[-1][1] == total
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+    sizes = [b - a for a, b in ranges]
+    assert max(sizes) - min(sizes) <= 1
+
+
+@given(kv=st.integers(1, 12), group=st.integers(1, 6), tp=st.integers(1, 16))
+def test_head_layouts_cover_every_head_once(kv, group, tp):
+    heads = kv * group
+    if heads < tp:
+        try:
+            head_layout(heads, kv, tp, 0)
+        except ValueError as exc:
+            assert "every rank needs at least one whole head" in str(exc)
+            return
+        raise AssertionError("no error for fewer heads than ranks")
+    layouts = [head_layout(heads, kv, tp, r) for r in range(tp)]
+    assert sum(lay.q_heads for lay in layouts) == heads
+    assert len({lay.kv_shared for lay in layouts}) == 1  # a collective decision: the same everywhere
+    for lay in layouts:
+        for q, local_kv in zip(range(lay.q_start, lay.q_stop), lay.kv_index, strict=True):
+            assert lay.kv_start + local_kv == q // group and 0 <= local_kv < lay.kv_heads
+        if lay.uniform_repeat:
+            assert lay.kv_index == [i // lay.uniform_repeat for i in range(lay.q_heads)]
+
+
+def _layer_fuzz(mesh):
+    tp = mesh.tp_size
+
+    @settings(SAME_ON_EVERY_RANK, max_examples=25)
+    @given(fin=st.integers(1, 12), fout=st.integers(1, 12), tokens=st.integers(1, 6), sp=st.booleans(),
+           kind=st.sampled_from(["column", "column_gather", "row", "row_full"]))  # fmt: skip
+    def linear_case(fin, fout, tokens, sp, kind):
+        torch.manual_seed(fin * 100 + fout)
+        dense = nn.Linear(fin, fout)
+        x = torch.randn(tokens * tp if sp else tokens, 2, fin)
+        split = fout if kind.startswith("column") else fin
+        try:
+            if kind.startswith("column"):
+                layer = shardwise.ColumnParallelLinear.from_dense(dense, mesh, gather_output=kind == "column_gather",
+                                                                  sequence_parallel=sp)  # fmt: skip
+            else:
+                layer = shardwise.RowParallelLinear.from_dense(dense, mesh, input_is_parallel=kind == "row",
+                                                               sequence_parallel=sp and kind == "row")  # fmt: skip
+        except ValueError as exc:
+            assert split < tp and "cannot be split over tp" in str(exc), exc
+            return
+        assert split >= tp
+        if kind == "row":
+            a, b = balanced_range(fin, tp, mesh.tp_rank)
+            inp = x[..., a:b]
+        else:
+            inp = x
+        if sp and kind.startswith("column"):  # column layers take this rank's tokens under SP
+            inp = inp.chunk(tp, dim=0)[mesh.tp_rank]
+        y = layer(inp.clone().requires_grad_())
+        want = dense(x).detach()
+        if kind == "column":
+            a, b = balanced_range(fout, tp, mesh.tp_rank)
+            want = want[..., a:b]
+        if sp and kind == "row":
+            want = want.chunk(tp, dim=0)[mesh.tp_rank]
+        assert_close(y, want, atol=1e-5, rtol=1e-5)
+        y.sum().backward()
+        assert_close(gather_full(layer.weight.grad, shard_spec(layer.weight), mesh).shape, dense.weight.shape)
+
+    @settings(SAME_ON_EVERY_RANK, max_examples=15)
+    @given(kv=st.integers(1, 4), group=st.integers(1, 3), head_dim=st.integers(1, 3), rope=st.booleans())
+    def attention_case(kv, group, head_dim, rope):
+        heads = kv * group
+        hidden = heads * head_dim * 2
+        torch.manual_seed(heads)
+        try:
+            attn = ParallelAttention(hidden, heads, kv, head_dim=2 * head_dim, rope=rope, mesh=mesh)
+        except ValueError as exc:
+            assert heads < tp and "cannot be split over tp" in str(exc), exc
+            return
+        torch.manual_seed(heads)
+        dense = ParallelAttention(hidden, heads, kv, head_dim=2 * head_dim, rope=rope, mesh=shardwise.Mesh.single())
+        x = torch.randn(5, 2, hidden)
+        assert_close(attn(x), dense(x), atol=1e-5, rtol=1e-5)
+
+    @settings(SAME_ON_EVERY_RANK, max_examples=15)
+    @given(vocab=st.integers(1, 40), tokens=st.integers(1, 8))
+    def embedding_case(vocab, tokens):
+        torch.manual_seed(vocab)
+        dense = nn.Embedding(vocab, 3)
+        emb = shardwise.VocabParallelEmbedding.from_dense(dense, mesh)
+        ids = torch.randint(0, vocab, (tokens,))
+        assert_close(emb(ids), dense(ids).detach())
+        try:
+            emb(torch.tensor([vocab]))
+        except ValueError as exc:
+            assert f"[0, {vocab})" in str(exc)
+        else:
+            raise AssertionError("an id past the vocabulary was accepted")
+
+    linear_case()
+    attention_case()
+    embedding_case()
+    return True
+
+
+def layer_fuzz(tp):
+    mesh = shardwise.init_mesh(tp, timeout_s=60)  # a rank left alone in a collective fails, not hangs
+    return _layer_fuzz(mesh)
+
+
+def test_fuzz_layers_on_ranks():
+    for tp in (2, 3):
+        assert all(shardwise.launch(layer_fuzz, tp, tp, timeout_s=300))
+
+
+@settings(SAME_ON_EVERY_RANK, max_examples=8)
+@given(kv=st.integers(1, 3), group=st.integers(1, 3), vocab=st.integers(5, 70), tp=st.integers(2, 5))
+def test_fuzz_checkpoint_reshard_roundtrip(tmp_path_factory, kv, group, vocab, tp):
+    heads = kv * group
+    cfg = GPTConfig(vocab_size=vocab, hidden=4 * heads, num_layers=1, num_heads=heads, num_kv_heads=kv)
+    torch.manual_seed(vocab)
+    model = GPT(cfg, shardwise.Mesh.single())
+    base = tmp_path_factory.mktemp("ckpt")
+    save_sharded(model, base / "tp1", shardwise.Mesh.single())
+    try:
+        reshard(base / "tp1", base / "tpn", tp)
+    except ValueError as exc:
+        assert heads < tp and "cannot be split" in str(exc), exc
+        return
+    back = consolidate(base / "tpn")
+    dense = model.state_dict()
+    assert back.keys() == dense.keys()
+    assert all(torch.equal(back[k], dense[k]) for k in dense)
