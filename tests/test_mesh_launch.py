@@ -124,3 +124,18 @@ def test_same_script_under_torchrun_and_launch():
     from quickstart import main  # examples/ is on sys.path (conftest)
 
     assert max(shardwise.launch(main, 2)) < 1e-5
+
+
+def stall_on(rank_to_stall):
+    mesh = shardwise.init_mesh(2, timeout_s=3)  # collectives give up after 3 s
+    if mesh.tp_rank == rank_to_stall:
+        time.sleep(60)
+    dist.all_reduce(torch.ones(1))
+
+
+def test_a_stalled_rank_times_out_the_others_and_is_named():
+    start = time.monotonic()
+    with pytest.raises(RuntimeError) as info:
+        shardwise.launch(stall_on, 2, 1)
+    assert time.monotonic() - start < 30
+    assert any("ranks [1] were still running" in note for note in info.value.__notes__)

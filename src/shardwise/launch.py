@@ -136,7 +136,8 @@ def launch(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float
             grace = time.monotonic() + 1.0
             while time.monotonic() < grace and len(errors) + len(deaths) + len(values) < world_size:
                 poll(0.05)
-            _raise_root_cause(errors, deaths)
+            busy = sorted(set(range(world_size)) - set(values) - set(errors) - set(deaths))
+            _raise_root_cause(errors, deaths, busy)
         for proc in procs:  # ranks that reported are only tearing down their process group
             proc.join(timeout=10.0)
         return [values[rank] for rank in range(world_size)]
@@ -144,9 +145,10 @@ def launch(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float
         _reap(procs)
 
 
-def _raise_root_cause(errors: dict[int, tuple[float, Any]], deaths: dict[int, int]) -> None:
+def _raise_root_cause(errors: dict[int, tuple[float, Any]], deaths: dict[int, int], busy: list[int]) -> None:
     """A rank that died without a word (signal, os._exit) is the root cause: its peers' errors are
-    the consequence. Otherwise the earliest exception raised is."""
+    the consequence. Otherwise the earliest exception raised is. Ranks still busy then (neither done
+    nor failed) are named: a collective timeout on one rank usually means another one stalled."""
     __tracebackhide__ = True  # pytest: show the rank's traceback, not the launcher's locals
     others = ", ".join(f"rank {r}" for r in sorted(errors)) or "none"
     if deaths:
@@ -156,6 +158,8 @@ def _raise_root_cause(errors: dict[int, tuple[float, Any]], deaths: dict[int, in
     rank, (_, (exc_bytes, text)) = min(errors.items(), key=lambda item: item[1][0])
     exc = pickle.loads(exc_bytes) if exc_bytes is not None else RankFailure(f"rank {rank} failed:\n{text}")
     exc.add_note(f"(raised on rank {rank} of a shardwise.launch)")
+    if busy:
+        exc.add_note(f"(ranks {busy} were still running, neither finished nor failed: stalled?)")
     raise exc from _RemoteTraceback(f"\n\n--- traceback of rank {rank} ---\n{text}")
 
 
