@@ -12,6 +12,14 @@ def _pyplot():
     return plt
 
 
+def _finish(fig, ax, path: str, title: str) -> str:
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
 def steps_chart(steps: list[dict], path: str, title: str) -> str:
     """Per step: compute and collective time stacked, R = comm/compute on a second axis."""
     plt = _pyplot()
@@ -28,11 +36,7 @@ def steps_chart(steps: list[dict], path: str, title: str) -> str:
     ratio.set_ylabel("R")
     handles = ax.get_legend_handles_labels()[0] + ratio.get_legend_handles_labels()[0]
     ax.legend(handles, [h.get_label() for h in handles], loc="upper right")
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, title)
 
 
 def layers_chart(layers: list[dict], path: str, title: str) -> str:
@@ -47,11 +51,7 @@ def layers_chart(layers: list[dict], path: str, title: str) -> str:
     ax.invert_yaxis()
     ax.set_xlabel("ms per step")
     ax.legend()
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, title)
 
 
 def ratio_vs_tp_chart(rows: list[dict], path: str, title: str) -> str:
@@ -66,8 +66,4 @@ def ratio_vs_tp_chart(rows: list[dict], path: str, title: str) -> str:
     ax.set_ylabel("R(m) = T_comm / T_comp")
     ax.set_xticks(tps)
     ax.legend()
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, title)
