@@ -165,8 +165,9 @@ class DenseMLP(nn.Module):
         super().__init__()
         self.up = nn.Linear(up.in_features, up.out_features)
         self.down = nn.Linear(down.in_features, down.out_features)
-        self.load_state_dict({"up.weight": up.weight, "up.bias": up.bias,
-                              "down.weight": down.weight, "down.bias": down.bias})  # fmt: skip
+        self.load_state_dict(
+            {"up.weight": up.weight, "up.bias": up.bias, "down.weight": down.weight, "down.bias": down.bias}
+        )
 
     def forward(self, x):
         return self.down(F.gelu(self.up(x)))
@@ -226,10 +227,19 @@ class MegatronMLP(nn.Module):
         )
         h, f = up.in_features, up.out_features
         ident = lambda w: w  # noqa: E731
-        self.up = ColumnParallelLinear(h, f, config=config, init_method=ident, bias=True, gather_output=False,
-                                       tp_group=group)  # fmt: skip
-        self.down = RowParallelLinear(f, h, config=config, init_method=ident, bias=True, input_is_parallel=True,
-                                      skip_bias_add=False, tp_group=group)  # fmt: skip
+        self.up = ColumnParallelLinear(
+            h, f, config=config, init_method=ident, bias=True, gather_output=False, tp_group=group
+        )
+        self.down = RowParallelLinear(
+            f,
+            h,
+            config=config,
+            init_method=ident,
+            bias=True,
+            input_is_parallel=True,
+            skip_bias_add=False,
+            tp_group=group,
+        )
         n = f // size
         cols = slice(rank * n, (rank + 1) * n)
         with torch.no_grad():
@@ -375,7 +385,7 @@ def check(name, model, mode, x_full, dy_full, dense, dense_grads, g: Groups):
     err_y = (y.detach() - y_ref[rows]).abs().max().item()
     err_dx = (x.grad - dx_ref[rows]).abs().max().item()
     got, want = expected_grads(name, model, dense_grads, g.rank, g.size, tp1)
-    errs = [float("inf") if a is None else (a - b).abs().max().item() for a, b in zip(got, want)]
+    errs = [float("inf") if a is None else (a - b).abs().max().item() for a, b in zip(got, want, strict=True)]
     for p in model.parameters():
         p.grad = None
     return err_y, err_dx, errs
@@ -429,18 +439,59 @@ def timed_rounds(impls: list[Impl], warmup: int, steps: int) -> dict[str, list[f
 
 
 def p90(xs):
+    return quantile(xs, 0.9)
+
+
+def steps_for(h, tokens, base):
+    """Cheap configs get more steps (the shared machine's noise weighs most there), the biggest 20."""
+    work = h * h * tokens  # ~flops
+    if work >= 2048 * 2048 * 512:
+        return max(20, base // 2)
+    if work <= 128 * 128 * 512:
+        return base * 4
+    if work <= 2048 * 2048 * 8:
+        return base * 3 // 2
+    return base
+
+
+def paired_ratios(ts, ref):
+    """Per round t_impl / t_minimal of the same round: drift of the machine cancels in the pair."""
+    return [a / b for a, b in zip(ts, ref, strict=True)]
+
+
+def quantile(xs, q):
     xs = sorted(xs)
-    k = 0.9 * (len(xs) - 1)
+    k = q * (len(xs) - 1)
     lo = int(k)
     hi = min(lo + 1, len(xs) - 1)
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
-def steps_for(h, tokens, base):
-    work = h * h * tokens  # ~flops
-    if work >= 2048 * 2048 * 512:
-        return max(20, base // 2)
-    return base
+def source_state():
+    """Which shardwise was measured: the commit, and a digest of src/shardwise as it was (others edit it)."""
+    import hashlib
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src = os.path.join(root, "src", "shardwise")
+    digest = hashlib.sha256()
+    for folder, _, files in sorted(os.walk(src)):
+        for name in sorted(files):
+            if name.endswith(".py"):
+                with open(os.path.join(folder, name), "rb") as fh:
+                    digest.update(name.encode() + fh.read())
+
+    def git(*a):
+        try:
+            return subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        except Exception:  # noqa: BLE001
+            return None
+
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "src_dirty": bool(git("status", "--porcelain", "src")),
+        "src_sha256": digest.hexdigest()[:16],
+    }
 
 
 def machine_info():
@@ -461,6 +512,7 @@ def machine_info():
         except Exception:  # noqa: BLE001
             versions[mod] = None
     return {
+        "shardwise_source": source_state(),
         "platform": platform.platform(),
         "cpu": cpu,
         "cpus": os.cpu_count(),
@@ -473,16 +525,28 @@ def machine_info():
     }
 
 
+IMPLS = ["dense", "minimal", "shardwise", "dtensor", "megatron-core", "fairscale"]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", type=int, nargs="+", default=[128, 1024, 2048])
     ap.add_argument("--tokens", type=int, nargs="+", default=[8, 512])
     ap.add_argument("--modes", nargs="+", default=["tp", "sp", "tp1"], choices=["tp", "sp", "tp1"])
-    ap.add_argument("--impls", nargs="+", default=["dense", "minimal", "shardwise", "dtensor", "megatron-core", "fairscale"])
-    ap.add_argument("--steps", type=int, default=40, help="timed steps (halved, >= 20, at h=2048 x 512 tokens)")
+    ap.add_argument("--impls", nargs="+", default=IMPLS)
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=40,
+        help="timed steps: x4 at h=128, x1.5 at 8 tokens,\n halved (>= 20) at h=2048 x 512 tokens",
+    )
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--tp1-max-work", type=float, default=1024 * 1024 * 512,
-                    help="skip tp1 configs with h*h*tokens above this (cost: it runs the whole model per rank)")
+    ap.add_argument(
+        "--tp1-max-work",
+        type=float,
+        default=2048 * 2048 * 8,
+        help="skip tp1 configs with h*h*tokens above this (cost: it runs the whole model per rank)",
+    )
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/mlp-<date>.json)")
     ap.add_argument("--tag", default="", help="suffix for the default JSON name")
     args = ap.parse_args()
@@ -544,24 +608,54 @@ def main():
                     e = torch.tensor([err_y, err_dx, *errs], dtype=torch.float64)
                     dist.all_reduce(e, op=dist.ReduceOp.MAX)
                     e = e.tolist()
-                    checks.append({"impl": name, "h": h, "tokens": tokens, "mode": mode, "err_y": e[0], "err_dx": e[1],
-                                   "err_grads": dict(zip(["up.weight", "up.bias", "down.weight", "down.bias"], e[2:]))})  # fmt: skip
-                    log(f"  check {name:13s} h={h:5d} tokens={tokens:4d} {mode:3s}: max|dy|err y={e[0]:.2e} "
-                        f"dx={e[1]:.2e} grads={max(e[2:]):.2e}" + ("" if max(e[2:]) < 1e-3 else f" {e[2:]}"))  # fmt: skip
+                    checks.append(
+                        {
+                            "impl": name,
+                            "h": h,
+                            "tokens": tokens,
+                            "mode": mode,
+                            "err_y": e[0],
+                            "err_dx": e[1],
+                            "err_grads": dict(
+                                zip(["up.weight", "up.bias", "down.weight", "down.bias"], e[2:], strict=True)
+                            ),
+                        }
+                    )
+                    log(
+                        f"  check {name:13s} h={h:5d} tokens={tokens:4d} {mode:3s}: max|dy|err y={e[0]:.2e} "
+                        f"dx={e[1]:.2e} grads={max(e[2:]):.2e}" + ("" if max(e[2:]) < 1e-3 else f" {e[2:]}")
+                    )
                     impls.append(make_impl(name, model, mode, x_full, dy_full, g))
                 steps = steps_for(h, tokens, args.steps)
                 t0 = time.time()
                 times = timed_rounds(impls, args.warmup, steps)
-                ref = statistics.median(times["minimal"]) if "minimal" in times else None
+                ref_ts = times.get("minimal")
+                ref = statistics.median(ref_ts) if ref_ts else None
                 for impl in impls:
                     ts = times[impl.name]
                     med = statistics.median(ts)
-                    row = {"impl": impl.name, "h": h, "tokens": tokens, "mode": mode, "steps": len(ts),
-                           "median_ms": med, "p90_ms": p90(ts), "min_ms": min(ts),
-                           "ratio_to_minimal": med / ref if ref else None, "times_ms": ts}  # fmt: skip
+                    pr = paired_ratios(ts, ref_ts) if ref_ts else None
+                    row = {
+                        "impl": impl.name,
+                        "h": h,
+                        "tokens": tokens,
+                        "mode": mode,
+                        "steps": len(ts),
+                        "median_ms": med,
+                        "p90_ms": p90(ts),
+                        "min_ms": min(ts),
+                        "ratio_to_minimal": med / ref if ref else None,
+                        "paired_ratio_median": statistics.median(pr) if pr else None,
+                        "paired_ratio_iqr": [quantile(pr, 0.25), quantile(pr, 0.75)] if pr else None,
+                        "times_ms": ts,
+                    }
                     rows.append(row)
-                    log(f"{mode:3s} h={h:5d} tokens={tokens:4d} {impl.name:13s} median {med:9.3f} ms  "
-                        f"p90 {row['p90_ms']:9.3f}  x{row['ratio_to_minimal']:.3f}")
+                    log(
+                        f"{mode:3s} h={h:5d} tokens={tokens:4d} {impl.name:13s} median {med:9.3f} ms  "
+                        f"p90 {row['p90_ms']:9.3f}  x{row['ratio_to_minimal']:.3f}  "
+                        f"paired x{row['paired_ratio_median']:.3f} "
+                        f"[{row['paired_ratio_iqr'][0]:.2f}, {row['paired_ratio_iqr'][1]:.2f}]"
+                    )
                 log(f"   ({steps} steps + {args.warmup} warm-up, {time.time() - t0:.1f} s)")
                 del impls, times
                 gc.collect()
@@ -574,9 +668,10 @@ def main():
     info["args"] = vars(args)
     if rank == 0:
         out = args.out or os.path.join(
-            os.path.dirname(os.path.abspath(__file__)), "results",
+            os.path.dirname(os.path.abspath(__file__)),
+            "results",
             f"mlp-{datetime.date.today().isoformat()}{('-' + args.tag) if args.tag else ''}.json",
-        )  # fmt: skip
+        )
         os.makedirs(os.path.dirname(out), exist_ok=True)
         with open(out, "w") as fh:
             json.dump({"machine": info, "checks": checks, "rows": rows}, fh, indent=1)
