@@ -63,7 +63,7 @@ def run(hidden: int, heads: int, seq: int, batch: int, steps: int) -> dict | Non
             xin = x.clone().requires_grad_()
             y = block(xin)
             y.sum().backward()
-            _ = float(y[0, 0, 0]) + float(xin.grad[0, 0, 0])  # read the results inside the timed step
+            _ = float(y.detach()[0, 0, 0]) + float(xin.grad[0, 0, 0])  # read the results inside the timed step
             block.zero_grad(set_to_none=True)
 
         return step
