@@ -39,6 +39,12 @@ class CollectiveEvent:
     phase: str  # fwd | bwd
     start: float = 0.0  # time.perf_counter() when it was issued
     cuda_events: tuple | None = None
+    # Async ops (overlap.py) hold the issuing thread only while issued and waited on: for them `seconds` is
+    # that exposed time (issue + wait), `wait_s` the wait alone, `inflight_s` issue to done as that thread
+    # saw it (so inflight_s - seconds was hidden behind compute). Blocking ops: all of `seconds` is exposed.
+    wait_s: float | None = None
+    inflight_s: float | None = None
+    async_op: bool = False
 
     def resolve(self) -> CollectiveEvent:
         """The event with its time filled in (waits for the GPU to reach the end event)."""
@@ -46,7 +52,9 @@ class CollectiveEvent:
             return self
         begin, end = self.cuda_events
         end.synchronize()
-        return replace(self, seconds=begin.elapsed_time(end) / 1e3, cuda_events=None)
+        seconds = begin.elapsed_time(end) / 1e3
+        wait_s = seconds if self.async_op else self.wait_s  # async on CUDA: the stream's stall in wait()
+        return replace(self, seconds=seconds, wait_s=wait_s, cuda_events=None)
 
 
 @dataclass(frozen=True)
@@ -88,6 +96,49 @@ def _collective(op: str, numel: int, tensor: torch.Tensor, mesh: Mesh, tag: str,
     _emit(CollectiveEvent(op=op, group_size=mesh.tp_size, numel=numel, nbytes=numel * tensor.element_size(),
                           dtype=tensor.dtype, seconds=seconds, tag=tag, phase=phase, start=start,
                           cuda_events=timing))  # fmt: skip
+
+
+class Pending:
+    """An async collective in flight (from `_collective_async`). `wait()` blocks until it is done, reports
+    it to the observers and returns `tensor`, its result, which must not be read before."""
+
+    __slots__ = ("tensor", "_work", "_report")
+
+    def __init__(self, work, tensor: torch.Tensor, report: tuple | None):
+        self.tensor, self._work, self._report = tensor, work, report
+
+    def wait(self) -> torch.Tensor:
+        if self._report is None:  # nobody observing: nothing to time
+            self._work.wait()
+            return self.tensor
+        op, numel, source, mesh, tag, phase, start, issue_s = self._report
+        timing = None
+        if source.is_cuda:  # the compute stream's stall in wait(), as for blocking ops
+            timing = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            timing[0].record()
+        begin = time.perf_counter()
+        self._work.wait()
+        done = time.perf_counter()
+        if timing is not None:
+            timing[1].record()
+        wait_s = None if timing else done - begin
+        seconds = None if timing else issue_s + wait_s
+        _emit(CollectiveEvent(op=op, group_size=mesh.tp_size, numel=numel, nbytes=numel * source.element_size(),
+                              dtype=source.dtype, seconds=seconds, tag=tag, phase=phase,
+                              start=start, cuda_events=timing, wait_s=wait_s, inflight_s=done - start,
+                              async_op=True))  # fmt: skip
+        return self.tensor
+
+
+def _collective_async(op: str, numel: int, tensor: torch.Tensor, out: torch.Tensor, mesh: Mesh, tag: str,
+                      phase: str, issue) -> Pending:  # fmt: skip
+    """The async sibling of `_collective`: `issue()` starts the op (async_op=True) and returns its work;
+    the observers hear of it when the returned Pending is waited on, with the exposed time."""
+    if not _observers:
+        return Pending(issue(), out, None)
+    start = time.perf_counter()
+    work = issue()
+    return Pending(work, out, (op, numel, tensor, mesh, tag, phase, start, time.perf_counter() - start))
 
 
 def _now(t: torch.Tensor) -> float:

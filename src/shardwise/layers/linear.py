@@ -5,6 +5,11 @@ computes a partial sum over some input features).
 Where the communication happens, forward | backward:
     ColumnParallelLinear   copy_to_tp: none | all-reduce of dx      (SP: all-gather | reduce-scatter)
     RowParallelLinear      reduce_from_tp: all-reduce of y | none   (SP: reduce-scatter | all-gather)
+
+overlap=True runs the same collectives asynchronously behind the matmuls, and chunks=k splits the tokens
+so chunk i's collective flies while chunk i+1 is computed (see overlap.py). For a column layer this is its
+forward(); enter() + project() (an input shared by q/k/v or gate/up) stay blocking: use
+overlap.column_forward(x, *layers) to overlap a shared input.
 """
 
 from __future__ import annotations
@@ -16,12 +21,20 @@ import torch.nn.functional as F
 from .. import comm
 from ..init import linear_fill, make_param
 from ..mesh import Mesh, resolve
+from ..overlap import column_forward, row_forward
 from ..sharding import ShardSpec, balanced_range, shard_spec, split_range, take
 
 
 def _check_features(name: str, value: int) -> None:
     if not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_overlap(overlap: bool, chunks: int) -> None:
+    if not isinstance(chunks, int) or chunks < 1:
+        raise ValueError(f"chunks must be a positive integer, got {chunks!r}")
+    if chunks > 1 and not overlap:
+        raise ValueError("chunks splits the overlapped collectives: pass overlap=True with it")
 
 
 def _check_ranges(ranges, total: int, what: str) -> tuple[tuple[int, int], ...]:
@@ -58,13 +71,17 @@ class ColumnParallelLinear(nn.Module):
         init_fill=None,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        overlap: bool = False,
+        chunks: int = 1,
     ):
         super().__init__()
         _check_features("in_features", in_features)
         _check_features("out_features", out_features)
+        _check_overlap(overlap, chunks)
         self.mesh = resolve(mesh)
         self.in_features, self.out_features = in_features, out_features
         self.gather_output, self.sequence_parallel = gather_output, sequence_parallel
+        self.overlap, self.chunks = overlap, chunks
         if out_ranges is None:
             out_ranges = (split_range(out_features, self.mesh, "ColumnParallelLinear out_features"),)
             tp = self.mesh.tp_size
@@ -95,17 +112,28 @@ class ColumnParallelLinear(nn.Module):
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """The local matmul on an already-entered input: [s, ..., in] -> [s, ..., out/tp]."""
+        weight, bias = self.local_params()
+        y = comm.timed_compute(self.tag, F.linear, x, weight, bias)
+        return self.output(y)
+
+    def local_params(self) -> list:
+        """[weight, bias] as the local matmul uses them (rows other ranks also hold get their grads summed)."""
         weight, bias = self.weight, self.bias
         if self.replicated:
             weight = comm.sum_grad_over_replicas(weight, self.mesh, self.out_ranges, self.out_features, self.tag)
             if bias is not None:
                 bias = comm.sum_grad_over_replicas(bias, self.mesh, self.out_ranges, self.out_features, self.tag)
-        y = comm.timed_compute(self.tag, F.linear, x, weight, bias)
+        return [weight, bias]
+
+    def output(self, y: torch.Tensor) -> torch.Tensor:
+        """The local matmul's output as the layer returns it (gathered over tp with gather_output)."""
         if self.gather_output:
             y = comm.gather_from_tp(y, self.mesh, self.tag, self._gather_sizes)
         return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.overlap:
+            return column_forward(x, self)[0]
         return self.project(self.enter(x))
 
     @classmethod
@@ -121,6 +149,7 @@ class ColumnParallelLinear(nn.Module):
             f"in={self.in_features}, out={self.out_features} (rows {self.out_ranges}), "
             f"tp={self.mesh.tp_size}, bias={self.bias is not None}, "
             f"gather_output={self.gather_output}, sequence_parallel={self.sequence_parallel}"
+            + (f", overlap=True, chunks={self.chunks}" if self.overlap else "")
         )
 
 
@@ -146,13 +175,17 @@ class RowParallelLinear(nn.Module):
         init_fill=None,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        overlap: bool = False,
+        chunks: int = 1,
     ):
         super().__init__()
         _check_features("in_features", in_features)
         _check_features("out_features", out_features)
+        _check_overlap(overlap, chunks)
         self.mesh = resolve(mesh)
         self.in_features, self.out_features = in_features, out_features
         self.input_is_parallel, self.sequence_parallel = input_is_parallel, sequence_parallel
+        self.overlap, self.chunks = overlap, chunks
         if in_range is None:
             in_range = split_range(in_features, self.mesh, "RowParallelLinear in_features")
             tp = self.mesh.tp_size
@@ -182,11 +215,14 @@ class RowParallelLinear(nn.Module):
                 f"{self.in_features} over tp={self.mesh.tp_size}), got {list(x.shape)}; pass "
                 "input_is_parallel=False for a full input, or check the producing layer uses the same mesh"
             )
-        y = comm.timed_compute(self.tag, F.linear, x, self.weight)
-        if self.sequence_parallel:
-            y = comm.reduce_scatter_to_sp(y, self.mesh, self.tag)
+        if self.overlap:
+            y = row_forward(self, x)
         else:
-            y = comm.reduce_from_tp(y, self.mesh, self.tag)
+            y = comm.timed_compute(self.tag, F.linear, x, self.weight)
+            if self.sequence_parallel:
+                y = comm.reduce_scatter_to_sp(y, self.mesh, self.tag)
+            else:
+                y = comm.reduce_from_tp(y, self.mesh, self.tag)
         if self.bias is None:
             return y
         bias = self.bias
@@ -207,6 +243,7 @@ class RowParallelLinear(nn.Module):
             f"in={self.in_features} (cols {self.in_start}:{self.in_start + self.in_size}), "
             f"out={self.out_features}, tp={self.mesh.tp_size}, bias={self.bias is not None}, "
             f"input_is_parallel={self.input_is_parallel}, sequence_parallel={self.sequence_parallel}"
+            + (f", overlap=True, chunks={self.chunks}" if self.overlap else "")
         )
 
 
