@@ -381,6 +381,8 @@ class _CopyParamsToTP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
+        if len(grads) == 1 and grads[0] is not None:  # one bias: no packing (the common SP case)
+            return None, None, _all_reduce_(grads[0].clone(), ctx.mesh, ctx.tag, "bwd")
         present = [g for g in grads if g is not None]
         flat = _all_reduce_(torch.cat([g.reshape(-1) for g in present]), ctx.mesh, ctx.tag, "bwd")
         out, offset = [], 0

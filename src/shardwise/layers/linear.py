@@ -215,6 +215,8 @@ class RowParallelLinear(nn.Module):
                 f"{self.in_features} over tp={self.mesh.tp_size}), got {list(x.shape)}; pass "
                 "input_is_parallel=False for a full input, or check the producing layer uses the same mesh"
             )
+        if self.mesh.tp_size == 1:  # nothing to reduce: one fused GEMM + bias, like nn.Linear
+            return comm.timed_compute(self.tag, F.linear, x, self.weight, self.bias)
         if self.overlap:
             y = row_forward(self, x)
         else:
