@@ -8,7 +8,9 @@ import sys
 import pytest
 
 
-@pytest.mark.parametrize("extra", [[], ["--sequence-parallel", "--steps", "10"]])
+@pytest.mark.parametrize(
+    "extra", [[], ["--sequence-parallel", "--steps", "10"], ["--overlap", "--sequence-parallel", "--chunks", "2", "--steps", "10"]]
+)
 def test_demo_runs_and_reports(tmp_path, extra):
     report = tmp_path / "demo.json"
     cmd = [sys.executable, "-m", "shardwise.cli", "demo", "--steps", "20", "--no-progress", "--report", str(report)]
@@ -28,6 +30,10 @@ def test_demo_runs_and_reports(tmp_path, extra):
     assert len(data["steps"]) == (10 if extra else 20)
     assert all(s["comm_ms"] > 0 and s["loss"] > 0 for s in data["steps"])
     assert data["steps"][-1]["loss"] < data["steps"][0]["loss"]
+    if "--overlap" in extra:  # both runs timed, side by side
+        cmp = data["overlap_comparison"]
+        assert cmp["overlap_on"]["step_ms"] > 0 and cmp["overlap_off"]["exposed_comm_ms"] > 0
+        assert "exposed comm" in out.stdout
 
 
 def test_demo_rejects_bad_flags():

@@ -28,6 +28,9 @@ def _demo_parser(sub) -> None:
     p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
     p.add_argument("--sequence-parallel", action="store_true", help="shard norms/residuals over tokens (SP)")
     p.add_argument("--no-check", action="store_true", help="skip the dense model on rank 0 (pure TP timing)")
+    p.add_argument("--overlap", action="store_true", help="overlap collectives with the GEMMs, and run the same steps "
+                   "without overlap beside it: prints step time and exposed communication of both")  # fmt: skip
+    p.add_argument("--chunks", type=int, default=1, help="with --overlap --sequence-parallel: token chunks pipelined")
     p.add_argument("--warmup", type=int, default=d.warmup, help="first steps left out of the per-layer averages")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for weights and data")
     p.add_argument("--report", default=d.report, help="where to write the JSON report")
@@ -216,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = DemoConfig(
             tp=args.tp, steps=args.steps, hidden=args.hidden, heads=args.heads, seq=args.seq, batch=args.batch,
             lr=args.lr, sequence_parallel=args.sequence_parallel, check=not args.no_check, warmup=args.warmup,
-            seed=args.seed, report=args.report, progress=not args.no_progress,
+            seed=args.seed, report=args.report, progress=not args.no_progress, overlap=args.overlap,
+            chunks=args.chunks,
         )  # fmt: skip
         return demo_main(cfg, tolerance=args.tolerance)
     return 2

@@ -38,16 +38,21 @@ class DemoConfig:
     seed: int = 0
     report: str = "shardwise-demo.json"
     progress: bool = True
+    overlap: bool = False  # overlapped collectives, run beside the same model without, interleaved
+    chunks: int = 1
 
 
 class DemoModel(nn.Module):
     """x: [s, b, h] (sequence_parallel: [s/tp, b, h]) -> same: x + MLP(x), then a transformer block."""
 
-    def __init__(self, cfg: DemoConfig, mesh: shardwise.Mesh):
+    def __init__(self, cfg: DemoConfig, mesh: shardwise.Mesh, overlap: bool = False):
         super().__init__()
         sp = cfg.sequence_parallel and mesh.tp_size > 1
-        self.mlp = ParallelMLP(cfg.hidden, 4 * cfg.hidden, sequence_parallel=sp, mesh=mesh)
-        self.block = ParallelTransformerBlock(cfg.hidden, cfg.heads, sequence_parallel=sp, mesh=mesh)
+        chunks = cfg.chunks if overlap else 1
+        self.mlp = ParallelMLP(cfg.hidden, 4 * cfg.hidden, sequence_parallel=sp, mesh=mesh, overlap=overlap,
+                               chunks=chunks)  # fmt: skip
+        self.block = ParallelTransformerBlock(cfg.hidden, cfg.heads, sequence_parallel=sp, mesh=mesh, overlap=overlap,
+                                              chunks=chunks)  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block(x + self.mlp(x))
@@ -67,8 +72,14 @@ def run_rank(cfg: DemoConfig) -> dict | None:
         raise ValueError(f"--sequence-parallel needs --seq divisible by --tp; got seq={cfg.seq}, tp={cfg.tp}")
     lead = mesh.tp_rank == 0
     torch.manual_seed(cfg.seed)
-    model = DemoModel(cfg, mesh)
+    model = DemoModel(cfg, mesh, overlap=cfg.overlap)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    twin = None
+    if cfg.overlap:  # the same model without overlap, stepped alternately on the same batches
+        torch.manual_seed(cfg.seed)
+        twin = DemoModel(cfg, mesh)
+        twin_opt = torch.optim.Adam(twin.parameters(), lr=cfg.lr)
+        twin_prof = Profile(twin)
     dense = dense_opt = None
     if lead and cfg.check:
         torch.manual_seed(cfg.seed)
@@ -93,6 +104,14 @@ def run_rank(cfg: DemoConfig) -> dict | None:
             opt.step()
             opt.zero_grad(set_to_none=True)
             record = prof.step()
+            if twin is not None:
+                with prof.paused(), twin_prof:
+                    twin_prof.begin()
+                    twin_loss = ((twin(x_local) - target_local) ** 2).sum() / target.numel()
+                    twin_loss.backward()
+                    twin_opt.step()
+                    twin_opt.zero_grad(set_to_none=True)
+                    twin_prof.step()
 
             # Everything below is bookkeeping, outside the timed step.
             full_loss = loss.detach().clone()
@@ -135,7 +154,23 @@ def run_rank(cfg: DemoConfig) -> dict | None:
         **prof.to_dict(skip_steps=min(cfg.warmup, cfg.steps - 1)),
         "summary_table": prof.summary(skip_steps=min(cfg.warmup, cfg.steps - 1)),
         "trace": trace,
+        "overlap_comparison": _compare(prof, twin_prof, cfg) if twin is not None else None,
     }
+
+
+def _compare(on: Profile, off: Profile, cfg: DemoConfig) -> dict:
+    """Median step time and exposed collective time (what the compute thread waited) of both runs."""
+    skip = min(cfg.warmup, cfg.steps - 1)
+
+    def medians(prof: Profile) -> dict:
+        steps = prof.steps[skip:]
+        mid = lambda key: sorted(s[key] for s in steps)[len(steps) // 2]
+        return {"step_ms": mid("wall_ms"), "exposed_comm_ms": mid("comm_ms")}
+
+    result = {"overlap_off": medians(off), "overlap_on": medians(on)}
+    for key in ("step_ms", "exposed_comm_ms"):
+        result[f"{key}_change"] = result["overlap_on"][key] / max(result["overlap_off"][key], 1e-9) - 1
+    return result
 
 
 def _progress(cfg: DemoConfig):
@@ -164,6 +199,12 @@ def main(cfg: DemoConfig, tolerance: float = 1e-4) -> int:
     print(f"per step (median, rank 0): wall {median('wall_ms'):.2f} ms, in collectives {median('comm_ms'):.2f} ms, "
           f"compute {median('compute_ms'):.2f} ms, R = comm/compute = {median('R'):.2f}")  # fmt: skip
     print(f"loss {report['steps'][0]['loss']:.4f} -> {report['steps'][-1]['loss']:.4f}")
+    cmp = report.get("overlap_comparison")
+    if cmp:
+        off, on = cmp["overlap_off"], cmp["overlap_on"]
+        print(f"overlap (chunks={cfg.chunks}), medians: step {off['step_ms']:.2f} -> {on['step_ms']:.2f} ms "
+              f"({cmp['step_ms_change']:+.1%}), exposed comm {off['exposed_comm_ms']:.2f} -> "
+              f"{on['exposed_comm_ms']:.2f} ms ({cmp['exposed_comm_ms_change']:+.1%})")  # fmt: skip
     if cfg.check:
         print(f"vs dense: max |output diff| over all steps = {report['max_abs_diff_output']:.2e}, "
               f"max |weight diff| after {cfg.steps} steps = {report['max_abs_diff_weights_after_training']:.2e}")
@@ -174,6 +215,8 @@ def main(cfg: DemoConfig, tolerance: float = 1e-4) -> int:
         plots.steps_chart(report["steps"], f"{stem}-steps.png", title),
         plots.layers_chart(report["layers"], f"{stem}-layers.png", title),
     ]
+    if cmp:
+        report["plots"].append(plots.overlap_chart(cmp, f"{stem}-overlap.png", title))
     with open(cfg.report, "w") as f:
         json.dump(report, f, indent=1, default=str)
     print(f"report: {cfg.report}, trace: {report['trace']}, plots: {', '.join(report['plots'])}   ({elapsed:.1f} s)")

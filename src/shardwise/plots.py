@@ -67,3 +67,18 @@ def ratio_vs_tp_chart(rows: list[dict], path: str, title: str) -> str:
     ax.set_xticks(tps)
     ax.legend()
     return _finish(fig, ax, path, title)
+
+
+def overlap_chart(comparison: dict, path: str, title: str) -> str:
+    """Step time and exposed collective time, overlap off vs on (medians)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    modes = ["overlap_off", "overlap_on"]
+    xs = range(len(modes))
+    ax.bar([x - 0.2 for x in xs], [comparison[m]["step_ms"] for m in modes], width=0.4, label="step")
+    ax.bar([x + 0.2 for x in xs], [comparison[m]["exposed_comm_ms"] for m in modes], width=0.4,
+           label="exposed collectives")  # fmt: skip
+    ax.set_xticks(list(xs), ["overlap off", "overlap on"])
+    ax.set_ylabel("ms (median)")
+    ax.legend()
+    return _finish(fig, ax, path, title)

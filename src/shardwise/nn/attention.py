@@ -18,6 +18,7 @@ from .. import random as sw_random
 from ..heads import head_layout
 from ..layers import ColumnParallelLinear, RowParallelLinear
 from ..mesh import Mesh, resolve
+from ..overlap import column_forward
 
 
 def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
@@ -57,9 +58,10 @@ class ParallelAttention(nn.Module):
     def __init__(self, hidden: int, num_heads: int, num_kv_heads: int | None = None, head_dim: int | None = None,
                  bias: bool = True, rope: bool = False, rope_theta: float = 10000.0, attn_dropout: float = 0.0,
                  sequence_parallel: bool = False, mesh: Mesh | None = None, device=None,
-                 dtype: torch.dtype = torch.float32):  # fmt: skip
+                 dtype: torch.dtype = torch.float32, overlap: bool = False, chunks: int = 1):  # fmt: skip
         super().__init__()
         self.mesh = resolve(mesh)
+        self.overlap = overlap
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if head_dim is None:
             if hidden % num_heads:
@@ -69,6 +71,8 @@ class ParallelAttention(nn.Module):
         self.layout = lay = head_layout(num_heads, num_kv_heads, self.mesh.tp_size, self.mesh.tp_rank)
         self.rope, self.rope_theta, self.attn_dropout = rope, rope_theta, attn_dropout
         common = dict(bias=bias, sequence_parallel=sequence_parallel, mesh=self.mesh, device=device, dtype=dtype)
+        if overlap:  # async collectives overlapped with the GEMMs (overlap.py); the math is unchanged
+            common |= dict(overlap=True, chunks=chunks)
         d = head_dim
         q_cols = (lay.q_start * d, lay.q_stop * d)
         kv_rows = [(lay.kv_start * d, lay.kv_stop * d)]
@@ -90,15 +94,19 @@ class ParallelAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """cache: this layer's keys and values so far (generation); it is extended in place."""
-        x = self.q_proj.enter(x)  # [s, b, hidden], entered once for q, k and v
-        s, b = x.shape[0], x.shape[1]
+        if self.overlap:  # one input collective for q, k and v, overlapped
+            q, k, v = column_forward(x, self.q_proj, self.k_proj, self.v_proj)
+        else:
+            x = self.q_proj.enter(x)  # [s, b, hidden], entered once for q, k and v
+            q, k, v = (proj.project(x) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        s, b = q.shape[0], q.shape[1]
         lay = self.layout
-        q = self.q_proj.project(x).view(s, b, lay.q_heads, self.head_dim)
-        k = self.k_proj.project(x).view(s, b, lay.kv_heads, self.head_dim)
-        v = self.v_proj.project(x).view(s, b, lay.kv_heads, self.head_dim)
+        q = q.view(s, b, lay.q_heads, self.head_dim)
+        k = k.view(s, b, lay.kv_heads, self.head_dim)
+        v = v.view(s, b, lay.kv_heads, self.head_dim)
         past = 0 if cache is None else cache.length
         if self.rope:
-            positions = torch.arange(past, past + s, device=x.device)
+            positions = torch.arange(past, past + s, device=q.device)
             q, k = rotary(q, positions, self.rope_theta), rotary(k, positions, self.rope_theta)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
         if cache is not None:
@@ -110,14 +118,14 @@ class ParallelAttention(nn.Module):
         if self.training and self.attn_dropout > 0.0:
             # Explicit softmax so the dropout mask comes from this rank's tp stream: heads differ per rank.
             scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)
-            causal = torch.ones(s, s, dtype=torch.bool, device=x.device).triu(1)
+            causal = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
             probs = scores.masked_fill(causal, float("-inf")).softmax(dim=-1)
             probs = sw_random.dropout(probs, self.attn_dropout, True, self.mesh, sharded=True)
             out = probs @ v
         elif past == 0:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:  # new queries sit after the cached keys: query i sees keys up to past + i
-            visible = torch.arange(s, device=x.device)[:, None] + past >= torch.arange(past + s, device=x.device)
+            visible = torch.arange(s, device=q.device)[:, None] + past >= torch.arange(past + s, device=q.device)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
         out = out.permute(2, 0, 1, 3).reshape(s, b, lay.q_heads * self.head_dim)
         return self.o_proj(out)

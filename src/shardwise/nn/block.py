@@ -24,7 +24,8 @@ class ParallelTransformerBlock(nn.Module):
     def __init__(self, hidden: int, num_heads: int, ffn_hidden: int | None = None, num_kv_heads: int | None = None,
                  activation: str = "gelu", norm: str = "layernorm", bias: bool = True, rope: bool = False,
                  dropout: float = 0.0, attn_dropout: float = 0.0, sequence_parallel: bool = False,
-                 mesh: Mesh | None = None, device=None, dtype: torch.dtype = torch.float32):  # fmt: skip
+                 mesh: Mesh | None = None, device=None, dtype: torch.dtype = torch.float32, overlap: bool = False,
+                 chunks: int = 1):  # fmt: skip
         super().__init__()
         self.mesh = resolve(mesh)
         ffn_hidden = 4 * hidden if ffn_hidden is None else ffn_hidden
@@ -32,9 +33,9 @@ class ParallelTransformerBlock(nn.Module):
         common = dict(sequence_parallel=sequence_parallel, mesh=self.mesh, device=device, dtype=dtype)
         self.norm1 = Norm(hidden, norm, **common)
         self.attn = ParallelAttention(hidden, num_heads, num_kv_heads, bias=bias, rope=rope,
-                                      attn_dropout=attn_dropout, **common)  # fmt: skip
+                                      attn_dropout=attn_dropout, overlap=overlap, chunks=chunks, **common)  # fmt: skip
         self.norm2 = Norm(hidden, norm, **common)
-        self.mlp = ParallelMLP(hidden, ffn_hidden, activation, bias=bias, **common)
+        self.mlp = ParallelMLP(hidden, ffn_hidden, activation, bias=bias, overlap=overlap, chunks=chunks, **common)
 
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
         # Under sequence parallelism each rank holds other tokens, so masks come from the tp stream.

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from ..layers import ColumnParallelLinear, RowParallelLinear
 from ..mesh import Mesh, resolve
+from ..overlap import column_forward
 
 
 class ParallelMLP(nn.Module):
@@ -19,19 +20,27 @@ class ParallelMLP(nn.Module):
 
     def __init__(self, hidden: int, ffn_hidden: int, activation: str = "gelu", bias: bool = True,
                  sequence_parallel: bool = False, mesh: Mesh | None = None, device=None,
-                 dtype: torch.dtype = torch.float32):  # fmt: skip
+                 dtype: torch.dtype = torch.float32, overlap: bool = False, chunks: int = 1):  # fmt: skip
         super().__init__()
         if activation not in ("gelu", "swiglu"):
             raise ValueError(f"activation must be 'gelu' or 'swiglu', got {activation!r}")
         self.mesh = resolve(mesh)
         self.activation = activation
         col = dict(bias=bias, sequence_parallel=sequence_parallel, mesh=self.mesh, device=device, dtype=dtype)
+        if overlap:  # async collectives overlapped with the GEMMs (overlap.py); the math is unchanged
+            col |= dict(overlap=True, chunks=chunks)
+        self.overlap = overlap
         if activation == "swiglu":
             self.gate = ColumnParallelLinear(hidden, ffn_hidden, **col)
         self.up = ColumnParallelLinear(hidden, ffn_hidden, **col)
         self.down = RowParallelLinear(ffn_hidden, hidden, **col)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.overlap:
+            if self.activation == "swiglu":
+                gate, up = column_forward(x, self.gate, self.up)
+                return self.down(F.silu(gate) * up)
+            return self.down(F.gelu(self.up(x)))
         x = self.up.enter(x)
         if self.activation == "swiglu":
             return self.down(F.silu(self.gate.project(x)) * self.up.project(x))
