@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
+OVERLAP = ["--overlap", "--sequence-parallel", "--chunks", "2", "--steps", "10"]
 
-@pytest.mark.parametrize(
-    "extra", [[], ["--sequence-parallel", "--steps", "10"], ["--overlap", "--sequence-parallel", "--chunks", "2", "--steps", "10"]]
-)
+
+@pytest.mark.parametrize("extra", [[], ["--sequence-parallel", "--steps", "10"], OVERLAP])
 def test_demo_runs_and_reports(tmp_path, extra):
     report = tmp_path / "demo.json"
     cmd = [sys.executable, "-m", "shardwise.cli", "demo", "--steps", "20", "--no-progress", "--report", str(report)]
