@@ -251,13 +251,16 @@ def plan(cfg: ModelConfig, hw: Hardware, devices: int, sequence_parallel: bool |
     return sorted(options, key=lambda p: (not p.fits, p.step_s))
 
 
-def best_chunks(alpha_s: float, beta_s_per_byte: float, nbytes: float, compute_s: float, max_chunks: int = 16) -> int:
+def best_chunks(alpha_s: float, beta_s_per_byte: float, nbytes: float, compute_s: float, max_chunks: int = 16,
+                chunk_overhead_s: float = 0.0) -> int:  # fmt: skip
     """Chunks k for overlapping a collective of `nbytes` with `compute_s` of matmul split alike:
     the pipeline takes about max(T_comm(k), T_comp(k)) per chunk plus one exposed chunk, where each
-    chunk pays the latency alpha again. Picks the k with the least predicted time."""
+    chunk pays the latency alpha again and a smaller GEMM loses `chunk_overhead_s` (launch, lower
+    efficiency). Picks the k with the least predicted time."""
+
     def total(k: int) -> float:
         comm_chunk = alpha_s + beta_s_per_byte * nbytes / k
-        comp_chunk = compute_s / k
+        comp_chunk = compute_s / k + chunk_overhead_s
         return (k - 1) * max(comm_chunk, comp_chunk) + comm_chunk + comp_chunk
 
     return min(range(1, max_chunks + 1), key=total)

@@ -5,7 +5,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .costmodel import HARDWARE, PRESETS, ModelConfig, Prediction, from_calibration, heads_feasible, plan
+from .costmodel import (
+    HARDWARE,
+    PRESETS,
+    ModelConfig,
+    Prediction,
+    best_chunks,
+    from_calibration,
+    heads_feasible,
+    plan,
+    ring_steps,
+)
 
 
 def load_config(spec: str, seq: int | None, micro_batch: int | None, dtype_bytes: int | None) -> ModelConfig:
@@ -91,6 +101,17 @@ def recommend(options: list[Prediction]) -> tuple[Prediction | None, str]:
     return best, f"recommend tp={best.tp}, dp={best.dp}, {sp} sequence parallelism: " + "; ".join(why)
 
 
+def overlap_chunks(cfg: ModelConfig, hw, best: Prediction) -> int:
+    """Predicted best chunk count for one sequence-parallel collective and the GEMM beside it."""
+    act = cfg.micro_batch * cfg.seq * cfg.hidden * cfg.dtype_bytes
+    link = hw.link("all_gather", best.tp_spans_nodes)
+    steps, fraction = ring_steps("all_gather", best.tp)
+    # 8 collectives per layer and step under SP, each beside about an eighth of the layer's GEMMs
+    # 20 us per extra chunk: a kernel launch and a less efficient, smaller GEMM
+    return best_chunks(steps * link.latency_s, fraction / link.bandwidth, act, best.compute_s / 8,
+                       chunk_overhead_s=20e-6)  # fmt: skip
+
+
 def main(model: str, devices: int, hardware: str | None, calibration: str | None, seq: int | None = None,
          micro_batch: int | None = None, global_batch: int | None = None, dtype_bytes: int | None = None,
          sequence_parallel: bool | None = None, json_out: str | None = None) -> int:  # fmt: skip
@@ -104,6 +125,11 @@ def main(model: str, devices: int, hardware: str | None, calibration: str | None
     best, why = recommend(options)
     print()
     print(why)
+    if best is not None and best.tp > 1:
+        k = overlap_chunks(cfg, hw, best)
+        print(f"overlap: with sequence parallelism, pipeline each all-gather/reduce-scatter in k={k} chunk(s) "
+              "(ColumnParallelLinear/RowParallelLinear overlap=True, chunks=k); this assumes the fabric moves data on "
+              "its own engines (NVLink does; gloo on CPUs competes with the GEMMs, and k=1 measured best there)")
     if json_out:
         Path(json_out).write_text(json.dumps({"config": cfg.__dict__, "hardware": hw.name, "devices": devices,
                                              "options": [p.to_dict() for p in options],
