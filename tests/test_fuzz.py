@@ -2,6 +2,8 @@
 or raises a clear ValueError; nothing hangs (multi-rank cases run under a short collective timeout) and
 no rank fails alone (every rank draws the same examples: derandomized, no shrinking)."""
 
+import copy
+
 import torch
 import torch.nn as nn
 from hypothesis import HealthCheck, Phase, given, settings
@@ -118,9 +120,31 @@ def _layer_fuzz(mesh):
         else:
             raise AssertionError("an id past the vocabulary was accepted")
 
+    @settings(SAME_ON_EVERY_RANK, max_examples=12)
+    @given(sizes=st.lists(st.integers(1, 10), min_size=3, max_size=3), vocab=st.integers(2, 30),
+           bias=st.booleans())  # fmt: skip
+    def parallelize_case(sizes, vocab, bias):
+        a, b, c = sizes
+        torch.manual_seed(a * 100 + b * 10 + c)
+        dense = nn.Sequential(nn.Embedding(vocab, a), nn.Linear(a, b, bias=bias), nn.GELU(), nn.Linear(b, c))
+        ids = torch.randint(0, vocab, (2, 3))
+        want = dense(ids)
+        try:
+            model = shardwise.parallelize(copy.deepcopy(dense), {"0": "vocab", "1": "colwise", "3": "rowwise"}, mesh)
+        except ValueError as exc:
+            assert b < tp and "cannot be split over tp" in str(exc), exc
+            return
+        got = model(ids)
+        assert_close(got, want, atol=1e-5, rtol=1e-5)
+        got.sum().backward()
+        want.sum().backward()
+        grad = gather_full(model[1].weight.grad, shard_spec(model[1].weight), mesh)
+        assert_close(grad, dense[1].weight.grad, atol=1e-5, rtol=1e-5)
+
     linear_case()
     attention_case()
     embedding_case()
+    parallelize_case()
     return True
 
 
