@@ -45,7 +45,35 @@ def _check_ranges(ranges, total: int, what: str) -> tuple[tuple[int, int], ...]:
     return ranges
 
 
-class ColumnParallelLinear(nn.Module):
+def _shares(total: int, tp: int) -> list[int]:
+    """Every rank's share of `total` under the default (balanced) split, in rank order."""
+    return [b - a for a, b in (balanced_range(total, tp, r) for r in range(tp))]
+
+
+class _ParallelLinear(nn.Module):
+    """What column and row layers share: argument checks, the mesh, the options, the parameters."""
+
+    def __init__(self, in_features, out_features, sequence_parallel, mesh, overlap, chunks):
+        super().__init__()
+        _check_features("in_features", in_features)
+        _check_features("out_features", out_features)
+        _check_overlap(overlap, chunks)
+        self.mesh = resolve(mesh)
+        self.in_features, self.out_features = in_features, out_features
+        self.sequence_parallel, self.overlap, self.chunks = sequence_parallel, overlap, chunks
+        self.tag = type(self).__name__
+
+    def _make_params(self, weight_spec, bias_spec, bias: bool, init_fill, device, dtype) -> None:
+        device = device if device is not None else self.mesh.device
+        fill = init_fill or linear_fill(self.in_features)
+        self.weight = make_param((self.out_features, self.in_features), fill, weight_spec, dtype, device)
+        if bias:
+            self.bias = make_param((self.out_features,), linear_fill(self.in_features), bias_spec, dtype, device)
+        else:
+            self.register_parameter("bias", None)
+
+
+class ColumnParallelLinear(_ParallelLinear):
     """Rank i holds some rows of W: out/tp of them by default (shares differ by one where tp does not
     divide out).
 
@@ -74,32 +102,18 @@ class ColumnParallelLinear(nn.Module):
         overlap: bool = False,
         chunks: int = 1,
     ):
-        super().__init__()
-        _check_features("in_features", in_features)
-        _check_features("out_features", out_features)
-        _check_overlap(overlap, chunks)
-        self.mesh = resolve(mesh)
-        self.in_features, self.out_features = in_features, out_features
-        self.gather_output, self.sequence_parallel = gather_output, sequence_parallel
-        self.overlap, self.chunks = overlap, chunks
+        super().__init__(in_features, out_features, sequence_parallel, mesh, overlap, chunks)
+        self.gather_output = gather_output
         if out_ranges is None:
             out_ranges = (split_range(out_features, self.mesh, "ColumnParallelLinear out_features"),)
-            tp = self.mesh.tp_size
-            self._gather_sizes = [b - a for a, b in (balanced_range(out_features, tp, r) for r in range(tp))]
+            self._gather_sizes = _shares(out_features, self.mesh.tp_size)
         elif gather_output:
             raise ValueError("gather_output needs the default split; drop out_ranges or gather yourself")
         self.out_ranges = _check_ranges(out_ranges, out_features, "ColumnParallelLinear out_features")
         self.out_size = sum(b - a for a, b in self.out_ranges)
         self.replicated = replicated
-        self.tag = type(self).__name__
-        device = device if device is not None else self.mesh.device
-        fill = init_fill or linear_fill(in_features)
         spec = ShardSpec(0, self.out_ranges, out_features, replicated)
-        self.weight = make_param((out_features, in_features), fill, spec, dtype, device)
-        if bias:
-            self.bias = make_param((out_features,), linear_fill(in_features), spec, dtype, device)
-        else:
-            self.register_parameter("bias", None)
+        self._make_params(spec, spec, bias, init_fill, device, dtype)
 
     def enter(self, x: torch.Tensor) -> torch.Tensor:
         """The input's communication, split out so several projections of one input (q, k, v; gate,
@@ -153,7 +167,7 @@ class ColumnParallelLinear(nn.Module):
         )
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_ParallelLinear):
     """Rank i holds columns [start, stop) of W (in/tp of them by default, shares differing by one
     where tp does not divide in; `in_range` picks them, e.g. whole heads).
 
@@ -178,31 +192,17 @@ class RowParallelLinear(nn.Module):
         overlap: bool = False,
         chunks: int = 1,
     ):
-        super().__init__()
-        _check_features("in_features", in_features)
-        _check_features("out_features", out_features)
-        _check_overlap(overlap, chunks)
-        self.mesh = resolve(mesh)
-        self.in_features, self.out_features = in_features, out_features
-        self.input_is_parallel, self.sequence_parallel = input_is_parallel, sequence_parallel
-        self.overlap, self.chunks = overlap, chunks
+        super().__init__(in_features, out_features, sequence_parallel, mesh, overlap, chunks)
+        self.input_is_parallel = input_is_parallel
         if in_range is None:
             in_range = split_range(in_features, self.mesh, "RowParallelLinear in_features")
-            tp = self.mesh.tp_size
-            self._scatter_sizes = [b - a for a, b in (balanced_range(in_features, tp, r) for r in range(tp))]
+            self._scatter_sizes = _shares(in_features, self.mesh.tp_size)
         elif not input_is_parallel:
             raise ValueError("input_is_parallel=False splits the input by the default split; drop in_range")
         ((start, stop),) = _check_ranges([in_range], in_features, "RowParallelLinear in_features")
         self.in_start, self.in_size = start, stop - start
-        self.tag = type(self).__name__
-        device = device if device is not None else self.mesh.device
-        fill = init_fill or linear_fill(in_features)
-        spec = ShardSpec(1, ((start, stop),), in_features)
-        self.weight = make_param((out_features, in_features), fill, spec, dtype, device)
-        if bias:
-            self.bias = make_param((out_features,), linear_fill(in_features), None, dtype, device)
-        else:
-            self.register_parameter("bias", None)
+        # the bias is added once, after the reduction: whole on every rank
+        self._make_params(ShardSpec(1, ((start, stop),), in_features), None, bias, init_fill, device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
