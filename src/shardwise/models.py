@@ -35,10 +35,10 @@ def resolve_spec(name: str) -> ModelSpec:
     if name == "gpt-tiny":
         return ModelSpec("gpt-tiny")
     if name == "smollm2-135m":
-        from .hub import load_smollm2
+        from .hub import smollm2_cache
 
         cache = default_cache_dir() / "smollm2-135m"
-        load_smollm2(cache_dir=cache)  # converts the GGUF once; ranks then load safetensors in ~1 s
+        smollm2_cache(cache)  # converts the GGUF once, before ranks start; they then load safetensors in ~1 s
         return ModelSpec("smollm2-135m", str(cache))
     if Path(name).is_dir():
         return ModelSpec("hf", str(Path(name).resolve()))
