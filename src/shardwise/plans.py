@@ -39,13 +39,11 @@ def llama_plan(model: nn.Module) -> dict:
     d = getattr(cfg, "head_dim", None) or cfg.hidden_size // nh
     p = _prefix(model, "layers.0.self_attn.q_proj", ("model.", ""))
     layer = f"{p}layers.*"
+    heads = {role: Heads(role, nh, nkv, d, expand_kv=True) for role in "qkvo"}
     plan = {
         f"{p}embed_tokens": "vocab",
-        f"{layer}.self_attn.q_proj": Heads("q", nh, nkv, d, expand_kv=True),
-        f"{layer}.self_attn.k_proj": Heads("k", nh, nkv, d, expand_kv=True),
-        f"{layer}.self_attn.v_proj": Heads("v", nh, nkv, d, expand_kv=True),
-        f"{layer}.self_attn.o_proj": Heads("o", nh, nkv, d, expand_kv=True),
-        f"{layer}.self_attn": Patch(_set_llama_heads(Heads("q", nh, nkv, d, expand_kv=True))),
+        **{f"{layer}.self_attn.{role}_proj": style for role, style in heads.items()},
+        f"{layer}.self_attn": Patch(_set_llama_heads(heads["q"])),
         f"{layer}.mlp.gate_proj": "colwise",
         f"{layer}.mlp.up_proj": "colwise",
         f"{layer}.mlp.down_proj": "rowwise",
