@@ -40,7 +40,8 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import shardwise  # noqa: E402
-from shardwise import calibrate, costmodel  # noqa: E402
+from shardwise import costmodel  # noqa: E402
+from shardwise.planner import calibration as calibrate  # noqa: E402
 from shardwise.sharding import shard_spec, take  # noqa: E402
 
 # (name, sequence_parallel, overlap, chunks)

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 import shardwise
-from shardwise.demo import DemoConfig, DemoModel
+from shardwise.commands.demo import DemoConfig, DemoModel
 
 
 def run(steps: int, hidden: int) -> dict | None:

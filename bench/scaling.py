@@ -6,7 +6,7 @@
 import argparse
 from pathlib import Path
 
-from shardwise.benchmark import main
+from shardwise.commands.bench import main
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)

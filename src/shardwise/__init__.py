@@ -1,7 +1,16 @@
-"""shardwise: Megatron-style tensor parallelism for PyTorch."""
+"""shardwise: Megatron-style tensor parallelism for PyTorch.
 
-from . import comm, costmodel
+The library, read bottom-up: mesh (the rank grid) -> comm (collectives and their events) -> layers
+(column/row linear, vocab embedding and cross-entropy, norm) -> nn (MLP, attention, block, GPT) ->
+convert (parallelize a dense model by a plan) ; beside them checkpoint, profiler, planner. The
+command line lives in shardwise.commands and is never imported from here.
+"""
+
+import sys as _sys
+
+from . import comm
 from .checkpoint import consolidate, load_sharded, reshard, save_sharded
+from .convert import FusedQKV, Heads, Patch, parallelize, plans
 from .launch import RankFailure, launch
 from .layers import (
     ColumnParallelLinear,
@@ -11,37 +20,42 @@ from .layers import (
 )
 from .mesh import Mesh, get_mesh, init_mesh, set_default_mesh
 from .nn import GPT, GPTConfig, ParallelAttention, ParallelMLP, ParallelTransformerBlock
-from .parallelize import FusedQKV, Heads, Patch, parallelize
-from .profile import Profile, profile
+from .planner import costmodel
+from .profiler import Profile, profile
+
+# Stable module paths from v0.1: `import shardwise.costmodel` / `from shardwise.plans import for_model`.
+_sys.modules[__name__ + ".costmodel"] = costmodel
+_sys.modules[__name__ + ".plans"] = plans
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ColumnParallelLinear",
     "FusedQKV",
-    "Heads",
-    "Patch",
-    "consolidate",
-    "load_sharded",
-    "parallelize",
-    "reshard",
-    "save_sharded",
     "GPT",
     "GPTConfig",
+    "Heads",
+    "Mesh",
     "ParallelAttention",
     "ParallelMLP",
     "ParallelTransformerBlock",
-    "Mesh",
+    "Patch",
     "Profile",
     "RankFailure",
     "RowParallelLinear",
     "VocabParallelEmbedding",
     "comm",
+    "consolidate",
     "costmodel",
     "get_mesh",
     "init_mesh",
     "launch",
+    "load_sharded",
+    "parallelize",
+    "plans",
     "profile",
+    "reshard",
+    "save_sharded",
     "set_default_mesh",
     "vocab_parallel_cross_entropy",
 ]

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import comm
-from ..init import make_param, normal_fill
+from ..initialization import make_param, normal_fill
 from ..mesh import Mesh, resolve
 from ..sharding import ShardSpec
 

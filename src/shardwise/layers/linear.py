@@ -19,10 +19,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import comm
-from ..init import linear_fill, make_param
+from ..initialization import linear_fill, make_param
 from ..mesh import Mesh, resolve
-from ..overlap import column_forward, row_forward
 from ..sharding import ShardSpec, balanced_range, shard_spec, split_range, take
+from .overlapped import column_forward, row_forward
 
 
 def _check_features(name: str, value: int) -> None:

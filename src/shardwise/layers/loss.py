@@ -26,7 +26,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             logits[..., max(0, vocab_size - vocab_start) :] = float("-inf")
         logits_max = logits.amax(dim=-1)
         if mesh.tp_size > 1:
-            comm._all_reduce_(logits_max, mesh, tag, "fwd", op=dist.ReduceOp.MAX)
+            comm.all_reduce_(logits_max, mesh, tag, "fwd", op=dist.ReduceOp.MAX)
         shifted = logits - logits_max.unsqueeze(-1)
 
         ignored = target == ignore_index
@@ -37,7 +37,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         exp = shifted.exp()
         packed = torch.stack([target_logit, exp.sum(dim=-1)])
         if mesh.tp_size > 1:
-            comm._all_reduce_(packed, mesh, tag, "fwd")
+            comm.all_reduce_(packed, mesh, tag, "fwd")
         target_logit, sum_exp = packed[0], packed[1]
         loss = (sum_exp.log() - target_logit).masked_fill(ignored, 0.0)
 

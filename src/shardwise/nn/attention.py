@@ -14,11 +14,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import random as sw_random
+from .. import rng
 from ..heads import head_layout
 from ..layers import ColumnParallelLinear, RowParallelLinear
+from ..layers.overlapped import column_forward
 from ..mesh import Mesh, resolve
-from ..overlap import column_forward
 
 
 def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
@@ -120,7 +120,7 @@ class ParallelAttention(nn.Module):
             scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)
             causal = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
             probs = scores.masked_fill(causal, float("-inf")).softmax(dim=-1)
-            probs = sw_random.dropout(probs, self.attn_dropout, True, self.mesh, sharded=True)
+            probs = rng.dropout(probs, self.attn_dropout, True, self.mesh, sharded=True)
             out = probs @ v
         elif past == 0:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)

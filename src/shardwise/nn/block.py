@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .. import random as sw_random
+from .. import rng
+from ..layers.norm import Norm
 from ..mesh import Mesh, resolve
 from .attention import ParallelAttention
 from .mlp import ParallelMLP
-from .norm import Norm
 
 
 class ParallelTransformerBlock(nn.Module):
@@ -39,7 +39,7 @@ class ParallelTransformerBlock(nn.Module):
 
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
         # Under sequence parallelism each rank holds other tokens, so masks come from the tp stream.
-        return sw_random.dropout(x, self.dropout, self.training, self.mesh, sharded=self.sequence_parallel)
+        return rng.dropout(x, self.dropout, self.training, self.mesh, sharded=self.sequence_parallel)
 
     def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
         """cache: an attention.KVCache for generation (None in training)."""

@@ -9,12 +9,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import comm
-from .. import random as sw_random
+from .. import comm, rng
 from ..layers import VocabParallelEmbedding, vocab_parallel_cross_entropy
+from ..layers.norm import Norm
 from ..mesh import Mesh, resolve
 from .block import ParallelTransformerBlock
-from .norm import Norm
 
 
 @dataclass
@@ -67,7 +66,7 @@ class GPT(nn.Module):
                 f"use a sequence length that is a multiple of {mesh.tp_size}"
             )
         x = self.embed(ids.t())  # [s, b, h] (sequence-parallel: [s/tp, b, h])
-        x = sw_random.dropout(x, cfg.dropout, self.training, mesh, sharded=cfg.sequence_parallel)
+        x = rng.dropout(x, cfg.dropout, self.training, mesh, sharded=cfg.sequence_parallel)
         if caches is not None and (cfg.sequence_parallel or len(caches) != len(self.blocks)):
             raise ValueError("caches need one KVCache per block and sequence_parallel=False (decode tokens one by one)")
         for i, block in enumerate(self.blocks):

@@ -8,8 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..layers import ColumnParallelLinear, RowParallelLinear
+from ..layers.overlapped import column_forward
 from ..mesh import Mesh, resolve
-from ..overlap import column_forward
 
 
 class ParallelMLP(nn.Module):

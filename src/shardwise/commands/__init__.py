@@ -1,0 +1,1 @@
+"""The `shardwise` command line and its commands. The library never imports from here."""

