@@ -20,8 +20,9 @@ from safetensors import safe_open
 from torch.testing import assert_close
 
 import shardwise
-from shardwise.checkpoint import sharded as ckpt
 from shardwise.checkpoint import consolidate, load_sharded, read_index, reshard, save_sharded
+from shardwise.checkpoint import format as fmt
+from shardwise.checkpoint import sharded as ckpt
 from shardwise.layers import ColumnParallelLinear, VocabParallelEmbedding
 from shardwise.nn import GPT, GPTConfig
 from shardwise.sharding import ShardSpec, shard_spec, take
@@ -195,7 +196,7 @@ def _shard_dirs(directory) -> list[str]:
 def test_saved_files_and_index(saved):
     for name, directory in saved["dirs"].items():
         index = read_index(directory)
-        assert index["tp_size"] == 2 and index["version"] == ckpt.VERSION
+        assert index["tp_size"] == 2 and index["version"] == fmt.VERSION
         assert index["extra"] == {"config": CONFIGS[name]}
         assert _shard_dirs(directory) == [index["shard_dir"]]
         files = sorted(p.name for p in (Path(directory) / index["shard_dir"]).iterdir())
