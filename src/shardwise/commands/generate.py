@@ -10,7 +10,7 @@ import shardwise
 
 from ..generation import generate
 from ..nn.gpt import GPT
-from .registry import load_dense, load_sharded
+from .registry import load_model_dense, load_model_sharded
 
 
 def _encode(tokenizer, text: str) -> torch.Tensor:
@@ -63,7 +63,7 @@ def _run(model, tokenizer, prompt: torch.Tensor, cfg: dict, stream: bool) -> tor
 def generate_rank(spec, tp: int, text: str, cfg: dict) -> dict | None:
     mesh = shardwise.init_mesh(tp)
     lead = mesh.tp_rank == 0
-    model, tokenizer = load_sharded(spec, mesh)
+    model, tokenizer = load_model_sharded(spec, mesh)
     prompt = _encode(tokenizer, text)
     if lead:
         print(text, end="", flush=True)
@@ -76,7 +76,7 @@ def generate_rank(spec, tp: int, text: str, cfg: dict) -> dict | None:
     new = out[0, prompt.shape[1] :].tolist()
     result = {"tokens": new, "text": _decode(tokenizer, new), "seconds": seconds}
     if cfg["check"]:
-        dense, _ = load_dense(spec)
+        dense, _ = load_model_dense(spec)
         with torch.no_grad():
             want = _run(dense, tokenizer, prompt, cfg, stream=False)
         result["dense_tokens"] = want[0, prompt.shape[1] :].tolist()

@@ -45,7 +45,7 @@ def resolve_spec(name: str) -> ModelSpec:
     raise ValueError(f"unknown model {name!r}: use one of {', '.join(NAMES)} or a local Hugging Face folder")
 
 
-def load_dense(spec: ModelSpec):
+def load_model_dense(spec: ModelSpec):
     """(dense model in eval mode, tokenizer or None)."""
     if spec.name == "gpt-tiny":
         torch.manual_seed(spec.seed)
@@ -67,7 +67,7 @@ def load_dense(spec: ModelSpec):
     return model.eval(), tokenizer
 
 
-def load_sharded(spec: ModelSpec, mesh: Mesh):
+def load_model_sharded(spec: ModelSpec, mesh: Mesh):
     """(model sharded over mesh's tp group, tokenizer or None). The GPT is built sharded from its seed
     (initialisation does not depend on tp); Hugging Face models are loaded dense and parallelized."""
     if spec.name == "gpt-tiny":
@@ -76,7 +76,7 @@ def load_sharded(spec: ModelSpec, mesh: Mesh):
     from ..convert.apply import parallelize
     from ..convert.plans import for_model
 
-    model, tokenizer = load_dense(spec)
+    model, tokenizer = load_model_dense(spec)
     return parallelize(model, for_model(model), mesh), tokenizer
 
 

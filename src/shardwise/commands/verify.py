@@ -14,7 +14,7 @@ import torch
 import shardwise
 
 from ..sharding import dense_layout, full_gradients
-from .registry import ModelSpec, load_dense, load_sharded, logits_of
+from .registry import ModelSpec, load_model_dense, load_model_sharded, logits_of
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,8 @@ def verify_rank(spec: ModelSpec, cfg: VerifyConfig) -> list[dict] | None:
     mesh = shardwise.init_mesh(cfg.tp)
     lead = mesh.tp_rank == 0
     start = time.perf_counter()
-    model, _ = load_sharded(spec, mesh)
-    dense = load_dense(spec)[0] if lead else None
+    model, _ = load_model_sharded(spec, mesh)
+    dense = load_model_dense(spec)[0] if lead else None
     load_s = time.perf_counter() - start
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     ids = torch.randint(0, vocab or 256, (cfg.batch, cfg.seq), generator=torch.Generator().manual_seed(cfg.seed))
@@ -95,5 +95,3 @@ def main(spec: ModelSpec, cfg: VerifyConfig, model_name: str) -> int:
           f"largest: abs {worst['max_abs']:.3e} ({worst['output']}), rel {worst_rel['max_rel']:.3e} "
           f"({worst_rel['output']})   ({time.perf_counter() - start:.1f} s)")  # fmt: skip
     return 0 if ok else 1
-
-
