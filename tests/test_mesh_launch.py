@@ -32,6 +32,24 @@ def grid_checks():
     t = torch.tensor([float(rank)])
     dist.all_reduce(t, group=mesh.dp_group)
     assert t.item() == {0: 2.0, 1: 4.0}[mesh.tp_rank]  # {0,2} and {1,3}
+    # Asked again, the same grid comes back without new process groups; another grid says what to do.
+    created = []
+    new_group = dist.new_group
+    dist.new_group = lambda *a, **k: created.append(a) or new_group(*a, **k)
+    try:
+        again = shardwise.init_mesh(2, 2)
+        assert again is mesh and again.tp_group is mesh.tp_group and created == []
+        with pytest.raises(ValueError, match=r"pass the existing mesh .*destroy_mesh\(\) on every rank first"):
+            shardwise.init_mesh(4)
+        assert shardwise.get_mesh() is mesh
+        shardwise.mesh.destroy_mesh()
+        wide = shardwise.init_mesh(4)
+        assert created and (wide.tp_size, wide.dp_size) == (4, 1)
+    finally:
+        dist.new_group = new_group
+    t = torch.tensor([float(rank)])
+    dist.all_reduce(t, group=wide.tp_group)
+    assert t.item() == 6.0
     return os.getpid()
 
 

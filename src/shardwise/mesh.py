@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-_default_mesh: Mesh | None = None  # the one module global: what `mesh=None` means
+_default_mesh: Mesh | None = None  # what `mesh=None` means
+_built_mesh: Mesh | None = None  # the mesh init_mesh() made: a second call returns it instead of new groups
 
 
 @dataclass(frozen=True)
@@ -62,11 +63,31 @@ def init_mesh(tp: int, dp: int = 1, *, backend: str | None = None, timeout_s: fl
     """Join the process group (if not joined yet) and build the tp x dp groups.
 
     Every rank must call this with the same tp and dp: process-group creation is collective.
-    The result becomes the default mesh for layers built with `mesh=None`.
+    The result becomes the default mesh for layers built with `mesh=None`. Called again with the same
+    tp and dp it returns the same mesh (no new process groups: each costs a collective and handles);
+    with others it raises, since two meshes over one world would leave layers on mismatched groups.
+    `backend` and `timeout_s` apply when this call joins the process group.
     """
-    global _default_mesh
+    global _default_mesh, _built_mesh
     if not isinstance(tp, int) or not isinstance(dp, int) or tp < 1 or dp < 1:
         raise ValueError(f"tp and dp must be positive integers, got tp={tp!r}, dp={dp!r}")
+    if _built_mesh is not None and not dist.is_initialized():
+        _built_mesh = None  # the process group was destroyed under us: its mesh is gone with it
+    if _built_mesh is not None:
+        built = _built_mesh
+        if (built.tp_size, built.dp_size) != (tp, dp):
+            raise ValueError(
+                f"init_mesh(tp={built.tp_size}, dp={built.dp_size}) already built this process's mesh; "
+                f"init_mesh(tp={tp}, dp={dp}) would build a second one: pass the existing mesh "
+                "(shardwise.get_mesh()), or call shardwise.mesh.destroy_mesh() on every rank first"
+            )
+        if backend is not None and backend != dist.get_backend():
+            raise ValueError(
+                f"the process group already uses backend {dist.get_backend()!r}, not {backend!r}: "
+                "call torch.distributed.destroy_process_group() on every rank first to change it"
+            )
+        _default_mesh = built
+        return built
     if not dist.is_initialized():
         world_size = _env_int("WORLD_SIZE")
         rank = _env_int("RANK")
@@ -121,13 +142,26 @@ def init_mesh(tp: int, dp: int = 1, *, backend: str | None = None, timeout_s: fl
         dp_group=dp_group,
         device=device,
     )
-    _default_mesh = mesh
+    _default_mesh = _built_mesh = mesh
     return mesh
 
 
+def destroy_mesh() -> None:
+    """Forget the mesh init_mesh() built and destroy its tp/dp groups (the world group stays), so the
+    next init_mesh() may ask for another grid. Collective in spirit: call it on every rank."""
+    global _default_mesh, _built_mesh
+    mesh, _built_mesh = _built_mesh, None
+    if _default_mesh is mesh:
+        _default_mesh = None
+    if mesh is None or not dist.is_initialized():
+        return
+    for group in {id(g): g for g in (mesh.tp_group, mesh.dp_group) if g is not None}.values():
+        dist.destroy_process_group(group)
+
+
 def _destroy_process_group() -> None:
-    global _default_mesh
-    _default_mesh = None
+    global _default_mesh, _built_mesh
+    _default_mesh = _built_mesh = None
     if dist.is_initialized():
         dist.destroy_process_group()
 

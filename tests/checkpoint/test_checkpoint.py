@@ -114,6 +114,7 @@ def _rank_save_then_crash(paths: dict[str, str]):
        rank must raise, none hang), then one where rank 0 dies (os._exit) after all shards are
        written but before the index."""
     save_sharded(_build("gqa", shardwise.init_mesh(1, 2), SAVED_SEED), paths["dp"])
+    shardwise.mesh.destroy_mesh()  # another grid over the same ranks
     mesh = shardwise.init_mesh(2)
     logits = {}
     for name in CONFIGS:
