@@ -6,7 +6,7 @@ against the dense model without knowing which layer made them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -55,19 +55,51 @@ def split_range(total: int, mesh: Mesh, what: str) -> tuple[int, int]:
     tp does not divide `total`. Every rank needs at least one."""
     if total < mesh.tp_size:
         raise ValueError(
-            f"{what}={total} cannot be split over tp={mesh.tp_size} ranks (each needs at least one); "
-            f"use tp <= {total}"
+            f"{what}={total} cannot be split over tp={mesh.tp_size} ranks (each needs at least one); use tp <= {total}"
         )
     return balanced_range(total, mesh.tp_size, mesh.tp_rank)
 
 
-def mark(param: torch.Tensor, spec: ShardSpec | None) -> torch.Tensor:
-    param.tp_shard = spec
+@dataclass(frozen=True)
+class ShardInfo:
+    """Everything a sharded parameter says about itself, in one record.
+
+    spec: this rank's rows (None: the parameter is whole on every rank).
+    layout: how the full tensor is cut at ANY tp, as a JSON-able hint (built by heads.layout_hint),
+        so an offline reshard can derive other tp degrees; None where the spec's balanced split says it.
+    transposed: the dense model stores this tensor transposed ([in, out], transformers' Conv1D), so
+        checkpoints and comparisons transpose it back."""
+
+    spec: ShardSpec | None = None
+    layout: dict | None = None
+    transposed: bool = False
+
+
+_ATTR = "_shardwise_info"  # the one attribute a parameter carries; read and written only here
+_KEEP = object()
+
+
+def shard_info(param: torch.Tensor) -> ShardInfo:
+    """The parameter's ShardInfo (an empty one, spec None, for a parameter nobody sharded)."""
+    return getattr(param, _ATTR, None) or ShardInfo()
+
+
+def set_shard_info(param: torch.Tensor, spec=_KEEP, *, layout=_KEEP, transposed=_KEEP) -> torch.Tensor:
+    """Set the fields given, keeping the others; returns `param`."""
+    info = shard_info(param)
+    changes = {k: v for k, v in (("spec", spec), ("layout", layout), ("transposed", transposed)) if v is not _KEEP}
+    setattr(param, _ATTR, replace(info, **changes))
     return param
 
 
+def copy_shard_info(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """Give `dst` (a new Parameter replacing `src`) the same record; returns `dst`."""
+    setattr(dst, _ATTR, shard_info(src))
+    return dst
+
+
 def shard_spec(param: torch.Tensor) -> ShardSpec | None:
-    return getattr(param, "tp_shard", None)
+    return shard_info(param).spec
 
 
 def take(full: torch.Tensor, spec: ShardSpec | None) -> torch.Tensor:
@@ -124,7 +156,7 @@ def full_gradients(model: torch.nn.Module, mesh: Mesh) -> dict[str, torch.Tensor
 def dense_layout(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """A gathered full tensor in the dense model's own layout: vocabulary padding dropped, and
     transposed back where the dense module stored it [in, out] (transformers' Conv1D)."""
-    spec = shard_spec(param)
-    if spec is not None and spec.valid is not None:
-        full = full.narrow(spec.dim, 0, spec.valid)
-    return full.t() if getattr(param, "tp_transposed", False) else full
+    info = shard_info(param)
+    if info.spec is not None and info.spec.valid is not None:
+        full = full.narrow(info.spec.dim, 0, info.spec.valid)
+    return full.t() if info.transposed else full

@@ -25,7 +25,7 @@ from shardwise.checkpoint import format as fmt
 from shardwise.checkpoint import sharded as ckpt
 from shardwise.layers import ColumnParallelLinear, VocabParallelEmbedding
 from shardwise.nn import GPT, GPTConfig
-from shardwise.sharding import ShardSpec, shard_spec, take
+from shardwise.sharding import ShardSpec, set_shard_info, shard_spec, take
 
 CONFIGS = {
     "gqa": dict(vocab_size=61, hidden=32, num_layers=2, num_heads=4, num_kv_heads=2),
@@ -41,14 +41,15 @@ def _ids() -> torch.Tensor:
 
 
 def _set_head_layouts(model: GPT) -> None:
-    """The `tp_layout` hints reshard needs for attention parameters (multi-range / replicated at some tp)."""
+    """The layout hints reshard needs for attention parameters (multi-range / replicated at some tp), written
+    here by hand (the attention sets the same ones itself)."""
     for block in model.blocks:
         attn = block.attn
         hint = dict(kind="heads", num_heads=attn.num_heads, num_kv_heads=attn.num_kv_heads, head_dim=attn.head_dim)
         for proj, role in ((attn.q_proj, "q"), (attn.k_proj, "kv"), (attn.v_proj, "kv")):
-            proj.weight.tp_layout = {**hint, "role": role}
-            proj.bias.tp_layout = {**hint, "role": role}
-        attn.o_proj.weight.tp_layout = {**hint, "role": "o"}
+            set_shard_info(proj.weight, layout={**hint, "role": role})
+            set_shard_info(proj.bias, layout={**hint, "role": role})
+        set_shard_info(attn.o_proj.weight, layout={**hint, "role": "o"})
 
 
 def _build(name: str, mesh, seed: int) -> GPT:
@@ -260,7 +261,7 @@ def test_reshard_needs_a_layout_it_can_derive(saved, tmp_path):
     src = tmp_path / "nohint"
     shutil.copytree(saved["dirs"]["uneven"], src)
     _edit_index(src, lambda index: [entry.update(layout=None) for entry in index["tensors"].values()])
-    with pytest.raises(ValueError, match=r"cannot reshard blocks\.0\.attn\.k_proj\.weight: .*replicated.*tp_layout"):
+    with pytest.raises(ValueError, match=r"cannot reshard blocks\.0\.attn\.k_proj\.weight: .*replicated.*layout hint"):
         reshard(src, tmp_path / "out", 4)
     assert not (tmp_path / "out").exists()  # layouts are all worked out before anything is written
 
@@ -345,8 +346,8 @@ class _FusedQKV(nn.Module):
         self.mesh = shardwise.Mesh.single()
         self.qkv = ColumnParallelLinear(4, 20, mesh=self.mesh, out_ranges=[(0, 12), (12, 16), (16, 20)])
         for param in self.qkv.parameters():
-            param.tp_layout = {"kind": "fused_qkv", "num_heads": 6, "num_kv_heads": 2, "head_dim": 2}
-        self.qkv.weight.tp_transposed = True  # as if the dense model stored it [in, out] (Conv1D)
+            set_shard_info(param, layout={"kind": "fused_qkv", "num_heads": 6, "num_kv_heads": 2, "head_dim": 2})
+        set_shard_info(self.qkv.weight, transposed=True)  # as if the dense model stored it [in, out] (Conv1D)
 
 
 def test_reshard_fused_qkv(tmp_path):

@@ -26,8 +26,8 @@ Index format (version 1):
      "tensors": {name: {
          "dtype": "float32", "shape": [dense full shape, padding removed],
          "dim": sharded dim or null, "specs": [ShardSpec.to_json() per tp rank] or null (unsharded),
-         "layout": the parameter's `tp_layout` hint or null (used by `reshard`),
-         "transposed": the parameter's `tp_transposed` (the dense model stores it transposed, e.g.
+         "layout": the parameter's ShardInfo.layout hint or null (used by `reshard`),
+         "transposed": the parameter's ShardInfo.transposed (the dense model stores it transposed, e.g.
                        transformers' Conv1D [in, out]; consolidate transposes it back),
          "pieces": [{"file": relative path, "ranges": [[start, stop], ...] or null}]}}}
 

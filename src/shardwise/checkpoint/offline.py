@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..heads import head_layout
+from ..heads import spec_from_hint
 from ..sharding import ShardSpec, balanced_range
 from .format import (
     SHARD_PREFIX,
@@ -30,7 +30,7 @@ __all__ = ["consolidate", "reshard"]
 def consolidate(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The dense state_dict of a checkpoint, offline (no process group): every tensor at its full
     shape with vocabulary padding stripped, in the dense model's layout (tensors saved with
-    `tp_transposed` transposed back), tied names mapping to the same tensor. Holds the whole model
+    ShardInfo.transposed transposed back), tied names mapping to the same tensor. Holds the whole model
     in memory."""
     directory = Path(directory)
     index = read_index(directory)
@@ -52,7 +52,10 @@ def _spec_rule(name: str, entry: dict):
     dim, shape = old[0].dim, entry["shape"]
     hint = entry.get("layout")
     if hint is not None:
-        return _hint_rule(name, hint)
+        try:
+            return _hint_rule(name, hint)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from exc
     if old[0].valid is not None:  # a padded vocabulary: padded to a multiple of tp, equal contiguous rows
         valid = old[0].valid
 
@@ -73,57 +76,23 @@ def _spec_rule(name: str, entry: dict):
     what = "replicated (shared by ranks)" if any(s.replicated for s in old) else "split into several ranges"
     raise ValueError(
         f"cannot reshard {name}: its shards are {what}, and the checkpoint has no layout hint saying how they "
-        "are laid out at another tp. Set param.tp_layout (e.g. {'kind': 'heads', 'num_heads': ..., "
-        "'num_kv_heads': ..., 'head_dim': ..., 'role': 'q' | 'kv' | 'o'}) and save again; loading this "
+        "are laid out at another tp. Give the parameter a layout hint (shardwise.sharding.set_shard_info(param, "
+        "layout=shardwise.heads.layout_hint('heads', num_heads, num_kv_heads, head_dim, role='q' | 'kv' | 'o'))) "
+        "and save again; loading this "
         "checkpoint with load_sharded at any tp works without it"
     )
 
 
 def _hint_rule(name: str, hint: dict):
-    kind = hint.get("kind")
-    try:
-        num_heads, num_kv_heads, d = int(hint["num_heads"]), int(hint["num_kv_heads"]), int(hint["head_dim"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{name}: layout hint {hint} needs integer num_heads, num_kv_heads, head_dim") from exc
+    spec_from_hint(hint, 1, 0)  # a malformed hint fails here, naming the tensor below
 
-    def layout(tp: int, rank: int):
+    def rule(tp: int, rank: int) -> ShardSpec:
         try:
-            return head_layout(num_heads, num_kv_heads, tp, rank)
+            return spec_from_hint(hint, tp, rank)
         except ValueError as exc:
             raise ValueError(f"cannot reshard {name} to tp={tp}: {exc}") from exc
 
-    if kind == "heads":
-        role = hint.get("role")
-        if role not in ("q", "kv", "o"):
-            raise ValueError(f"{name}: layout hint {hint} needs role 'q', 'kv' or 'o'")
-        dim = int(hint.get("dim", 1 if role == "o" else 0))
-        expand_kv = bool(hint.get("expand_kv", False))
-
-        def heads(tp: int, rank: int) -> ShardSpec:
-            lay = layout(tp, rank)
-            if role != "kv":
-                return ShardSpec(dim, ((lay.q_start * d, lay.q_stop * d),), num_heads * d)
-            ranges = ((lay.kv_start * d, lay.kv_stop * d),)
-            replicated = lay.kv_shared
-            if expand_kv:  # parallelize's Heads(expand_kv=True): one kv head per local q head where a group is cut
-                if lay.uniform_repeat is None:
-                    ranges = tuple(((lay.kv_start + k) * d, (lay.kv_start + k + 1) * d) for k in lay.kv_index)
-                replicated = replicated or any(layout(tp, r).uniform_repeat is None for r in range(tp))
-            return ShardSpec(dim, ranges, num_kv_heads * d, replicated)
-
-        return heads
-    if kind == "fused_qkv":  # [q | k | v] stacked along dim
-        dim = int(hint.get("dim", 0))
-        k0, v0 = num_heads * d, (num_heads + num_kv_heads) * d
-
-        def fused(tp: int, rank: int) -> ShardSpec:
-            lay = layout(tp, rank)
-            kv = (lay.kv_start * d, lay.kv_stop * d)
-            ranges = ((lay.q_start * d, lay.q_stop * d), (k0 + kv[0], k0 + kv[1]), (v0 + kv[0], v0 + kv[1]))
-            return ShardSpec(dim, ranges, (num_heads + 2 * num_kv_heads) * d, lay.kv_shared)
-
-        return fused
-    raise ValueError(f"{name}: unknown layout hint kind {kind!r} (expected 'heads' or 'fused_qkv')")
+    return rule
 
 
 def _same_rows(a: ShardSpec, b: ShardSpec) -> bool:
@@ -151,7 +120,8 @@ def _plan_reshard(name: str, entry: dict, old_tp: int, tp: int) -> list[ShardSpe
     if not all(_same_rows(x, y) for x, y in zip(derived, saved, strict=True)):
         raise ValueError(
             f"cannot reshard {name}: the layout rule for it (hint {entry.get('layout')}) gives {derived} at the "
-            f"saved tp={old_tp}, but the checkpoint holds {saved}; set a correct param.tp_layout and save again"
+            f"saved tp={old_tp}, but the checkpoint holds {saved}; set a correct layout hint "
+            "(sharding.set_shard_info) and save again"
         )
     new = [rule(tp, rank) for rank in range(tp)]
     full = entry["shape"][new[0].dim]

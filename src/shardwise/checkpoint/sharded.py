@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from ..mesh import Mesh, get_mesh
-from ..sharding import ShardSpec, shard_spec
+from ..sharding import ShardSpec, shard_info, shard_spec
 from .format import (
     INDEX,
     SHARD_PREFIX,
@@ -59,9 +59,8 @@ def _rank_manifest(model: torch.nn.Module, mesh: Mesh, file_rel: str) -> tuple[d
     items, aliases = _state_items(model)
     tensors, meta = {}, {}
     for name, value in items:
-        spec = shard_spec(value)
-        layout = getattr(value, "tp_layout", None)
-        transposed = bool(getattr(value, "tp_transposed", False))
+        info = shard_info(value)
+        spec, layout, transposed = info.spec, info.layout, bool(info.transposed)
         if layout is not None:
             json.dumps(layout)  # a hint that is not JSON-able fails here, on its own rank, before the index
         value = value.detach()

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from .. import comm
 from ..initialization import make_param, normal_fill
 from ..mesh import Mesh, resolve
-from ..sharding import ShardSpec
+from ..sharding import ShardSpec, copy_shard_info, set_shard_info
 
 
 def padded_vocab(num_embeddings: int, tp_size: int) -> int:
@@ -64,7 +64,7 @@ class VocabParallelEmbedding(nn.Module):
         weight[:real_rows] = real.detach()
         self.weight = nn.Parameter(weight)
         rows = ((self.vocab_start, self.vocab_start + self.rows_per_rank),)
-        self.weight.tp_shard = ShardSpec(0, rows, self.padded_num_embeddings, valid=num_embeddings)
+        set_shard_info(self.weight, ShardSpec(0, rows, self.padded_num_embeddings, valid=num_embeddings))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if ids.dtype not in (torch.int64, torch.int32):
@@ -94,9 +94,8 @@ class VocabParallelEmbedding(nn.Module):
         weight = dense.new_zeros((layer.rows_per_rank, layer.embedding_dim))
         real = dense[layer.vocab_start : layer.vocab_start + layer.rows_per_rank]
         weight[: real.shape[0]] = real
-        spec = layer.weight.tp_shard
-        layer.weight = nn.Parameter(weight.to(layer.mesh.device))
-        layer.weight.tp_shard = spec
+        old = layer.weight
+        layer.weight = copy_shard_info(old, nn.Parameter(weight.to(layer.mesh.device)))
         return layer
 
     def extra_repr(self) -> str:
