@@ -8,7 +8,8 @@ import torch.nn as nn
 
 from ..heads import head_layout
 from ..mesh import Mesh
-from .apply import FusedQKV, Heads, Patch
+from .sequence import GatherSequence, SplitSequence
+from .styles import FusedQKV, Heads, Patch, Rowwise
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 
@@ -33,7 +34,9 @@ def _set_llama_heads(heads: Heads):
     return patch
 
 
-def llama_plan(model: nn.Module) -> dict:
+def llama_plan(model: nn.Module, sequence_parallel: bool = False) -> dict:
+    """sequence_parallel: between the attention and MLP regions each rank keeps s/tp tokens (norms included;
+    see convert/sequence.py); the sequence length must be a multiple of tp."""
     cfg = model.config
     nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
     d = getattr(cfg, "head_dim", None) or cfg.hidden_size // nh
@@ -50,6 +53,16 @@ def llama_plan(model: nn.Module) -> dict:
     }
     if hasattr(model, "lm_head"):
         plan["lm_head"] = "colwise_gather"
+    if sequence_parallel:
+        sp = {f"{layer}.{norm}": "sp_norm" for norm in ("input_layernorm", "post_attention_layernorm")}
+        plan |= sp | {
+            f"{layer}.self_attn": (plan[f"{layer}.self_attn"], GatherSequence()),
+            f"{layer}.self_attn.o_proj": Heads("o", nh, nkv, d, expand_kv=True, sequence_parallel=True),
+            f"{layer}.mlp": GatherSequence(),
+            f"{layer}.mlp.down_proj": Rowwise(sequence_parallel=True),
+            f"{p}layers.0": SplitSequence(),  # positions and masks are made from the whole sequence before it
+            f"{p}norm": ("sp_norm", GatherSequence(output=True)),
+        }
     return plan
 
 
@@ -105,12 +118,18 @@ def bert_plan(model: nn.Module) -> dict:
 PLANS = {**{name: llama_plan for name in LLAMA_FAMILY}, "gpt2": gpt2_plan, "bert": bert_plan}
 
 
-def for_model(model: nn.Module) -> dict:
-    """The built-in plan for a transformers model, by its config.model_type."""
+def for_model(model: nn.Module, sequence_parallel: bool = False) -> dict:
+    """The built-in plan for a transformers model, by its config.model_type. sequence_parallel: LLaMA family
+    only."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in PLANS:
         raise ValueError(
             f"no built-in plan for model_type={model_type!r} ({type(model).__name__}); built-in: "
             f"{', '.join(sorted(PLANS))}. Write a plan: {{module-name pattern: style}} (see shardwise.parallelize)"
         )
-    return PLANS[model_type](model)
+    if not sequence_parallel:
+        return PLANS[model_type](model)
+    if model_type not in LLAMA_FAMILY:
+        raise ValueError(f"sequence_parallel plans exist for {LLAMA_FAMILY}, not model_type={model_type!r}; "
+                         "write a plan with SequenceParallelNorm / SplitSequence / GatherSequence styles")  # fmt: skip
+    return llama_plan(model, sequence_parallel=True)
