@@ -197,8 +197,8 @@ def probe(mesh, tokens: int, hidden: int, ffn_local: int, reps: int) -> dict:
 def fit_all_gather(mesh) -> dict:
     points = []
     for nbytes in (64 * 2**10, 512 * 2**10, 2 * 2**20, 4 * 2**20, 8 * 2**20):
-        fn, numel = calibrate._collective("all_gather", nbytes, mesh)
-        points.append((numel * 4, calibrate._time(fn, reps=5)))
+        fn, numel = calibrate.collective("all_gather", nbytes, mesh)
+        points.append((numel * 4, calibrate.median_time(fn, reps=5)))
     return calibrate.fit(points)
 
 

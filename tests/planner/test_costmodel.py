@@ -82,7 +82,7 @@ def test_plan_cli(tmp_path):
 
 
 def test_calibrate_then_plan_from_it(tmp_path):
-    from shardwise.calibrate import main
+    from shardwise.commands.calibrate import main
 
     out = tmp_path / "cal.json"
     result = main(2, str(out), max_bytes=64 * 1024, hidden=128, tokens=64)

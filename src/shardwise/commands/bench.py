@@ -14,11 +14,9 @@ import datetime
 import json
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 import shardwise
 
@@ -26,18 +24,6 @@ from ..nn import ParallelTransformerBlock
 from ..planner import calibration
 from ..planner.costmodel import block_config, measured_hardware, predict
 from . import plots
-
-
-def _timed(step, reps: int) -> list[float]:
-    out = []
-    for _ in range(reps):
-        dist.barrier()
-        start = time.perf_counter()
-        step()
-        elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-        out.append(elapsed.item())
-    return out
 
 
 def run(hidden: int, heads: int, seq: int, batch: int, steps: int) -> dict | None:
@@ -48,9 +34,9 @@ def run(hidden: int, heads: int, seq: int, batch: int, steps: int) -> dict | Non
     # calibration: all-reduce from 4 KiB to 4x the block's message, matmul at the block's shapes
     points = []
     for nbytes in sorted({4096, 65536, act_bytes // 4, act_bytes, 4 * act_bytes}):
-        op, _ = calibration._collective("all_reduce", nbytes, mesh)
+        op, _ = calibration.collective("all_reduce", nbytes, mesh)
         op()
-        points.append((nbytes, calibration._time(op, 9)))
+        points.append((nbytes, calibration.median_time(op, 9)))
     fit = calibration.fit(points)
     flops = {tp: calibration.matmul_flops(hidden, seq * batch, tp) for tp in (1, 2)}
 
@@ -70,11 +56,11 @@ def run(hidden: int, heads: int, seq: int, batch: int, steps: int) -> dict | Non
         return step
 
     for tp in (1, 2):  # warm-up
-        _timed(step_of(blocks[tp]), 3)
+        calibration.timed(step_of(blocks[tp]), 3)
     times = {1: [], 2: []}
     for _ in range(steps):  # round-robin: both see the same machine state
         for tp in (1, 2):
-            times[tp] += _timed(step_of(blocks[tp]), 1)
+            times[tp] += calibration.timed(step_of(blocks[tp]), 1)
     # R measured: collective time over the rest, from the profiler, on a few more tp=2 steps
     with shardwise.profile(blocks[2]) as prof:
         for _ in range(5):
@@ -128,10 +114,14 @@ def main(hidden: int = 1024, heads: int = 16, seq: int = 512, batch: int = 1, st
     print(f"{'tp':>3} {'measured ms':>12} {'p90 ms':>8} {'predicted ms':>13} {'(compute+comm)':>16} {'error':>7}")
     for r in rows:
         split = f"{r['predicted_compute_s'] * 1e3:.2f}+{r['predicted_comm_s'] * 1e3:.2f}"
-        print(f"{r['tp']:>3} {r['measured_median_s'] * 1e3:>12.2f} {r['measured_p90_s'] * 1e3:>8.2f} "
-              f"{r['predicted_s'] * 1e3:>13.2f} {split:>16} {r['error']:>+7.1%}")
-    print(f"R(2): measured {rows[1]['R_measured']:.2f}, predicted {rows[1]['R_predicted']:.2f}; alpha "
-          f"{result['fit']['alpha_s'] * 1e6:.0f} us, {result['fit']['bandwidth_GBps']:.2f} GB/s; matmul "
-          f"{result['matmul_flops'][1] / 1e9:.1f} / {result['matmul_flops'][2] / 1e9:.1f} GFLOP/s (tp 1/2)")
+        print(
+            f"{r['tp']:>3} {r['measured_median_s'] * 1e3:>12.2f} {r['measured_p90_s'] * 1e3:>8.2f} "
+            f"{r['predicted_s'] * 1e3:>13.2f} {split:>16} {r['error']:>+7.1%}"
+        )
+    print(
+        f"R(2): measured {rows[1]['R_measured']:.2f}, predicted {rows[1]['R_predicted']:.2f}; alpha "
+        f"{result['fit']['alpha_s'] * 1e6:.0f} us, {result['fit']['bandwidth_GBps']:.2f} GB/s; matmul "
+        f"{result['matmul_flops'][1] / 1e9:.1f} / {result['matmul_flops'][2] / 1e9:.1f} GFLOP/s (tp 1/2)"
+    )
     print(f"written {path}, {png}")
     return record

@@ -8,7 +8,6 @@ RNG state; a preflight compares all ranks' configs and shard shapes before the f
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -26,9 +25,11 @@ import torch.nn as nn
 import shardwise
 
 from ..checkpoint import load_sharded, read_index, save_sharded
+from ..checkpoint.format import atomic_write
 from ..data_parallel import average_gradients
 from ..nn import GPT, GPTConfig
 from ..preflight import preflight
+from ..sharding import copy_shard_info
 from .registry import default_cache_dir
 
 
@@ -116,9 +117,7 @@ class _AdamState(nn.Module):
                 state = opt.state.get(p, {})
                 value = state.get(kind, torch.zeros_like(p)).detach()
                 param = nn.Parameter(value.clone(), requires_grad=False)
-                param.tp_shard = getattr(p, "tp_shard", None)
-                if hasattr(p, "tp_layout"):
-                    param.tp_layout = p.tp_layout
+                copy_shard_info(p, param)  # the moments are sharded as their parameter is
                 _set(holder, name, param)
             self.add_module(kind, holder)
 
@@ -152,11 +151,8 @@ def save_checkpoint(directory: Path, model, opt, mesh, step: int, cfg: TrainConf
     save_sharded(_AdamState(model, opt), directory / "adam", mesh, extra={"step": step})
     rng = directory / "rng" / f"rank-{dist.get_rank() if dist.is_initialized() else 0:05d}.pt"
     rng.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    torch.save({"step": step, "cpu": torch.get_rng_state()}, buffer)
-    tmp = rng.with_suffix(".tmp")
-    tmp.write_bytes(buffer.getvalue())
-    os.replace(tmp, rng)  # atomic: a kill mid-write leaves the previous state
+    rng_state = {"step": step, "cpu": torch.get_rng_state()}
+    atomic_write(rng, lambda tmp: torch.save(rng_state, tmp))  # a kill or power loss mid-write leaves the previous one
 
 
 def load_checkpoint(directory: Path, model, opt, mesh) -> dict:
@@ -267,8 +263,10 @@ def main(cfg: TrainConfig) -> int:
     png = loss_curve(losses, evals, baseline, str(Path(cfg.out) / "loss.png"))
     if losses:
         tail = losses[-min(20, len(losses)) :]
-        print(f"loss {losses[0]:.3f} -> {sum(tail) / len(tail):.3f} (last {len(tail)} steps), unigram baseline "
-              f"{baseline:.3f}; eval {evals[-1][1] if evals else math.nan:.3f}; median R {result['R_median']:.2f}")
+        print(
+            f"loss {losses[0]:.3f} -> {sum(tail) / len(tail):.3f} (last {len(tail)} steps), unigram baseline "
+            f"{baseline:.3f}; eval {evals[-1][1] if evals else math.nan:.3f}; median R {result['R_median']:.2f}"
+        )
     print(f"written {cfg.out}/losses.json, {png}, checkpoint in {cfg.out}/checkpoint")
     return 0
 
@@ -285,5 +283,3 @@ def loss_curve(losses: list[float], evals: list, baseline: float, path: str) -> 
     ax.set_ylabel("cross-entropy (nats per byte)")
     ax.legend()
     return _finish(fig, ax, path, "shardwise train")
-
-

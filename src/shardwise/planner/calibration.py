@@ -18,19 +18,29 @@ import shardwise
 SIZES = [4 * 4**i for i in range(13)]  # 4 B ... 64 MiB
 
 
-def _time(fn, reps: int) -> float:
+def timed(fn, reps: int, group=None) -> list[float]:
+    """Seconds of each of `reps` calls of `fn` across ranks: a barrier first so all start together, then
+    the max over `group`'s ranks (a collective or a parallel step ends when its slowest rank does).
+    Collective: every rank of `group` (default: the world) calls it with the same reps."""
     times = []
     for _ in range(reps):
-        dist.barrier()
+        dist.barrier(group=group)
         start = time.perf_counter()
         fn()
         elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # a collective ends when its slowest rank does
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX, group=group)
         times.append(elapsed.item())
-    return sorted(times)[len(times) // 2]
+    return times
 
 
-def _collective(op: str, nbytes: int, mesh) -> tuple:
+def median_time(fn, reps: int, group=None) -> float:
+    """The median of `timed(fn, reps, group)` (the upper one for even reps): robust to a stray slow call."""
+    return sorted(timed(fn, reps, group))[reps // 2]
+
+
+def collective(op: str, nbytes: int, mesh) -> tuple:
+    """(a zero-argument call issuing `op` over mesh's tp group on ~nbytes of fp32, the full tensor's numel).
+    `op`: all_reduce | all_gather | reduce_scatter; the numel is rounded to a multiple of tp for the last two."""
     numel = max(1, nbytes // 4)
     m = mesh.tp_size
     if op == "all_reduce":
@@ -87,10 +97,10 @@ def calibrate_rank(tp: int, max_bytes: int, hidden: int, tokens: int) -> dict | 
     for op in ("all_reduce", "all_gather", "reduce_scatter"):
         points = []
         for nbytes in [s for s in SIZES if s <= max_bytes]:
-            run, numel = _collective(op, nbytes, mesh)
+            run, numel = collective(op, nbytes, mesh)
             run()  # warm-up: connection set-up, allocation
             reps = 25 if numel * 4 < 2**20 else 7
-            points.append((numel * 4, _time(run, reps)))
+            points.append((numel * 4, median_time(run, reps)))
         results["points"][op] = points
         results["fits"][op] = fit(points)
     results["matmul_flops"] = matmul_flops(hidden, tokens, tp)
