@@ -10,7 +10,19 @@ import sys as _sys
 
 from . import comm
 from .checkpoint import consolidate, load_sharded, reshard, save_sharded
-from .convert import FusedQKV, Heads, Patch, parallelize, plans
+from .convert import (
+    Colwise,
+    FusedQKV,
+    GatherSequence,
+    Heads,
+    Patch,
+    Rowwise,
+    SequenceParallelNorm,
+    SplitSequence,
+    Vocab,
+    parallelize,
+    plans,
+)
 from .launch import RankFailure, launch
 from .layers import (
     ColumnParallelLinear,
@@ -18,6 +30,7 @@ from .layers import (
     VocabParallelEmbedding,
     vocab_parallel_cross_entropy,
 )
+from .layers.norm import Norm
 from .mesh import Mesh, get_mesh, init_mesh, set_default_mesh
 from .nn import GPT, GPTConfig, ParallelAttention, ParallelMLP, ParallelTransformerBlock
 from .planner import costmodel
@@ -31,11 +44,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ColumnParallelLinear",
+    "Colwise",
     "FusedQKV",
     "GPT",
     "GPTConfig",
+    "GatherSequence",
     "Heads",
     "Mesh",
+    "Norm",
     "ParallelAttention",
     "ParallelMLP",
     "ParallelTransformerBlock",
@@ -43,6 +59,10 @@ __all__ = [
     "Profile",
     "RankFailure",
     "RowParallelLinear",
+    "Rowwise",
+    "SequenceParallelNorm",
+    "SplitSequence",
+    "Vocab",
     "VocabParallelEmbedding",
     "comm",
     "consolidate",

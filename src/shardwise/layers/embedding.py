@@ -112,10 +112,14 @@ class TiedLMHead(nn.Module):
     x: [..., d] replicated -> logits [..., vocab] (gather_output, padding dropped) or this rank's
     [..., V'/tp] columns (feed those to vocab_parallel_cross_entropy: nothing is gathered)."""
 
-    def __init__(self, embedding: VocabParallelEmbedding, gather_output: bool = True, bias: torch.Tensor | None = None):
-        """bias: [vocab] (the dense output layer's, e.g. BERT's MLM decoder), replicated."""
+    def __init__(self, embedding: VocabParallelEmbedding, gather_output: bool = True, bias: torch.Tensor | None = None,
+                 input_entered: bool = False):  # fmt: skip
+        """bias: [vocab] (the dense output layer's, e.g. BERT's MLM decoder), replicated. input_entered: x has
+        already been through the tp region's entry (comm.gather_from_sp under sequence parallelism), so no
+        copy_to_tp here."""
         super().__init__()
-        if embedding.sequence_parallel:
+        self.input_entered = input_entered
+        if embedding.sequence_parallel and not input_entered:
             raise ValueError("TiedLMHead expects replicated input; gather the sequence-parallel tokens first")
         if bias is not None and not gather_output:
             raise ValueError("a tied output layer with a bias needs gather_output=True (the bias spans the vocab)")
@@ -132,7 +136,8 @@ class TiedLMHead(nn.Module):
         self.tag = type(self).__name__
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = comm.copy_to_tp(x, self.mesh, self.tag)
+        if not self.input_entered:
+            x = comm.copy_to_tp(x, self.mesh, self.tag)
         logits = comm.timed_compute(self.tag, F.linear, x, self.weight)
         if not self.gather_output:
             return logits

@@ -7,10 +7,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .. import comm, rng
 from ..layers import VocabParallelEmbedding, vocab_parallel_cross_entropy
+from ..layers.embedding import TiedLMHead
 from ..layers.norm import Norm
 from ..mesh import Mesh, resolve
 from .block import ParallelTransformerBlock
@@ -54,6 +54,9 @@ class GPT(nn.Module):
             for _ in range(config.num_layers)
         )
         self.norm = Norm(config.hidden, config.norm, sequence_parallel=sp, mesh=self.mesh, device=device, dtype=dtype)
+        # Output layer tied to the embedding, column-parallel over the vocabulary; the gathered SP input is
+        # already "entered" (its backward reduce-scatter sums the grads), so the head adds no collective then.
+        self.lm_head = TiedLMHead(self.embed, gather_output=False, input_entered=sp)
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None, caches=None) -> torch.Tensor:
         """caches: one attention.KVCache per block, extended in place (generation; see generation.py)."""
@@ -72,12 +75,9 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, None if caches is None else caches[i])
         x = self.norm(x)
-        # Output layer tied to the embedding: column-parallel over the vocabulary.
-        if cfg.sequence_parallel:
+        if cfg.sequence_parallel:  # the lm_head's input collective: all-gather | reduce-scatter
             x = comm.gather_from_sp(x, mesh, "lm_head")
-        else:
-            x = comm.copy_to_tp(x, mesh, "lm_head")
-        logits = F.linear(x, self.embed.weight)  # [s, b, V'/tp]
+        logits = self.lm_head(x)  # [s, b, V'/tp], tied to the embedding
         if targets is None:
             return logits.transpose(0, 1)
         if targets.shape != ids.shape:
