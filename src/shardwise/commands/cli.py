@@ -22,7 +22,7 @@ def _demo_parser(sub) -> None:
     p.add_argument("--tp", type=int, default=d.tp, help="tensor-parallel degree = number of local ranks")
     p.add_argument("--steps", type=int, default=d.steps, help="training steps (forward, backward, Adam)")
     p.add_argument("--hidden", type=int, default=d.hidden, help="hidden size h (the MLP's ffn is 4h)")
-    p.add_argument("--heads", type=int, default=d.heads, help="attention heads (must be divisible by --tp)")
+    p.add_argument("--heads", type=int, default=d.heads, help="attention heads (>= --tp; split unevenly if needed)")
     p.add_argument("--seq", type=int, default=d.seq, help="sequence length s")
     p.add_argument("--batch", type=int, default=d.batch, help="micro-batch size b")
     p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
@@ -212,8 +212,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("tp", "steps", "hidden", "heads", "seq", "batch"):
             if getattr(args, name) < 1:
                 parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-        if args.heads and args.heads % args.tp:
-            parser.error(f"--heads {args.heads} is not divisible by --tp {args.tp}; use a multiple of {args.tp}")
+        if args.heads < args.tp:  # uneven splits are fine (9 heads on tp=2: 5 and 4), but every rank needs one
+            parser.error(f"--heads {args.heads} cannot be split over --tp {args.tp}: every rank needs a head; "
+                         f"use --heads >= {args.tp}")  # fmt: skip
         if args.hidden % args.heads:
             parser.error(f"--hidden {args.hidden} is not divisible by --heads {args.heads}")
         cfg = DemoConfig(
