@@ -1,5 +1,5 @@
 """Where the time goes: every collective (op, bytes, time) and every parallel layer's compute time,
-per step and per layer, from the observer hooks in comm.py. R = comm time / compute time.
+per step and per layer, from the observer hooks in comm.events. R = comm time / compute time.
 
     with shardwise.profile(model) as prof:
         for step in range(n):
@@ -7,8 +7,11 @@ per step and per layer, from the observer hooks in comm.py. R = comm time / comp
             prof.step()
     print(prof.summary())
 
-Wall clock around blocking collectives (on CUDA the stream is synchronised around each one, which
-serialises overlap: a measurement mode, not a production one). Off, it costs one list check per call.
+How it times (comm/events.py): a collective is timed by wall clock on CPU; on CUDA by a pair of CUDA
+events recorded on the stream around it, read when the step ends (prof.step()), so the device is not
+synchronised after every collective. A layer's compute time is wall clock between its boundaries, and on
+CUDA each boundary synchronises the device: that serialises overlap across layer boundaries (a measurement
+mode, not a production one). Off, it costs one list check per call.
 """
 
 from __future__ import annotations
