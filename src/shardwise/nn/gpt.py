@@ -56,7 +56,8 @@ class GPT(nn.Module):
         self.norm = Norm(config.hidden, config.norm, sequence_parallel=sp, mesh=self.mesh, device=device, dtype=dtype)
         # Output layer tied to the embedding, column-parallel over the vocabulary; the gathered SP input is
         # already "entered" (its backward reduce-scatter sums the grads), so the head adds no collective then.
-        self.lm_head = TiedLMHead(self.embed, gather_output=False, input_entered=sp)
+        # Held outside the module tree so the state_dict keeps its v0.1 keys (no "lm_head.weight" alias).
+        self._lm_head = (TiedLMHead(self.embed, gather_output=False, input_entered=sp),)
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None, caches=None) -> torch.Tensor:
         """caches: one attention.KVCache per block, extended in place (generation; see generation.py)."""
@@ -77,7 +78,9 @@ class GPT(nn.Module):
         x = self.norm(x)
         if cfg.sequence_parallel:  # the lm_head's input collective: all-gather | reduce-scatter
             x = comm.gather_from_sp(x, mesh, "lm_head")
-        logits = self.lm_head(x)  # [s, b, V'/tp], tied to the embedding
+        head = self._lm_head[0]
+        head.weight = self.embed.weight  # re-tied each call: a load or .to() may have replaced the Parameter
+        logits = head(x)  # [s, b, V'/tp], tied to the embedding
         if targets is None:
             return logits.transpose(0, 1)
         if targets.shape != ids.shape:
