@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from .sharding import set_shard_info
+
 _BLOCK_ELEMENTS = 1 << 20  # 4 MiB of fp32 per block: bounds the transient memory of a row-sliced init
 
 
@@ -73,8 +75,7 @@ def init_shard(
 
 def make_param(full_shape, fill, spec, dtype: torch.dtype, device) -> torch.nn.Parameter:
     """A parameter holding this rank's slice (`spec`, a ShardSpec or None for the whole tensor) of a
-    tensor drawn as a whole. On the meta device nothing is drawn (from_dense fills it instead)."""
-    seed = draw_seed()
+    tensor drawn as a whole. On the meta device nothing is drawn, not even a seed (from_dense fills it instead)."""
     if spec is None:
         dim, ranges = 0, ((0, full_shape[0]),)
     else:
@@ -83,8 +84,8 @@ def make_param(full_shape, fill, spec, dtype: torch.dtype, device) -> torch.nn.P
     if torch.device(device).type == "meta":
         values = torch.empty(shape, dtype=dtype, device="meta")
     else:
+        seed = draw_seed()  # only here: a meta parameter (from_dense) leaves the user's random stream alone
         pieces = [init_shard(tuple(full_shape), seed, fill, dim, a, b - a, dtype) for a, b in ranges]
         values = (torch.cat(pieces, dim) if len(pieces) > 1 else pieces[0]).to(device)
     param = torch.nn.Parameter(values)
-    param.tp_shard = spec
-    return param
+    return set_shard_info(param, spec)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -47,3 +48,20 @@ def test_demo_rejects_bad_flags(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ})
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert json.loads((tmp_path / "demo.json").read_text())["max_abs_diff_output"] < 1e-4
+
+
+def test_demo_narrates_each_collective(tmp_path):
+    """--narrate: both ranks say when each collective starts and finishes, with op, bytes and ms waited."""
+    cmd = [sys.executable, "-m", "shardwise", "demo", "--steps", "2", "--narrate", "--no-progress", "--hidden", "32",
+           "--heads", "4", "--seq", "8", "--batch", "2", "--report", str(tmp_path / "demo.json")]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ})
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    nbytes = 8 * 2 * 32 * 4  # one [s, b, h] fp32 activation
+    for rank in (0, 1):
+        start = f"[rank {rank}] mlp.down fwd all_reduce 2.0 KiB ({nbytes} bytes) over 2 ranks: started (blocking)"
+        assert start in lines, out.stdout[-3000:]
+        done = [ln for ln in lines if ln.startswith(f"[rank {rank}] mlp.down fwd all_reduce 2.0 KiB ({nbytes} bytes)")]
+        assert len(done) == 2 and re.fullmatch(r".*: finished, waited \d+\.\d{3} ms", done[1]), done
+        # only the first step is told: 3 forward and 2 backward all-reduces, each started and finished
+        assert sum(ln.startswith(f"[rank {rank}] ") and " over 2 ranks: " in ln for ln in lines) == 2 * 5

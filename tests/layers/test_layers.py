@@ -156,3 +156,28 @@ def layer_checks(tp):
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_layers_match_dense(tp):
     assert shardwise.launch(layer_checks, tp, tp) == list(range(tp))
+
+
+@pytest.mark.parametrize("cls", [shardwise.ColumnParallelLinear, shardwise.RowParallelLinear])
+def test_from_dense_leaves_the_rng_alone_and_names_its_options(cls):
+    torch.manual_seed(3)
+    dense = nn.Linear(6, 4)
+    state = torch.get_rng_state()
+    layer = cls.from_dense(dense, shardwise.Mesh.single(), sequence_parallel=True)
+    assert torch.equal(torch.get_rng_state(), state), "from_dense drew from the user's random stream"
+    x = torch.randn(5, 6)
+    assert_close(layer(x), dense(x), **TOL)
+    with pytest.raises(ValueError, match=r"takes the bias from the dense layer \(it has one\); drop bias="):
+        cls.from_dense(dense, shardwise.Mesh.single(), bias=False)
+    with pytest.raises(TypeError, match=r"unexpected options \['dtype'\]; it accepts \[.*'sequence_parallel'"):
+        cls.from_dense(dense, shardwise.Mesh.single(), dtype=torch.float64)
+    held = "rows ((0, 4),)" if cls is shardwise.ColumnParallelLinear else "cols ((0, 6),)"
+    assert f"in=6, out=4 ({held}), tp=1, bias=True" in repr(layer) and "sequence_parallel=True" in repr(layer)
+
+
+def test_embedding_from_dense_leaves_the_rng_alone():
+    dense = nn.Embedding(11, 4)
+    state = torch.get_rng_state()
+    emb = shardwise.VocabParallelEmbedding.from_dense(dense, shardwise.Mesh.single())
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(emb.weight[:11], dense.weight)

@@ -15,6 +15,7 @@ import shardwise
 from helpers import shard, tokens
 from shardwise import comm
 from shardwise.layers import overlapped as overlap
+from shardwise.layers.linear import column_linear
 from shardwise.sharding import balanced_range, gather_full, shard_spec
 
 SAME = dict(atol=1e-6, rtol=1e-6)  # overlap vs no overlap: the same math, sums maybe in another order
@@ -113,7 +114,7 @@ def _check_mlp(mesh, sp, chunks, swiglu, h=16, f=24):
     down_p = shardwise.RowParallelLinear.from_dense(down, mesh, **kw)
     xl = tokens(x, mesh, sp).clone().requires_grad_()
     if swiglu:
-        zg, zu = overlap.column_forward(xl, gate_p, up_p)
+        zg, zu = column_linear(xl, gate_p, up_p)
         y = down_p(F.silu(zg) * zu)
     else:
         y = down_p(F.gelu(up_p(xl)))

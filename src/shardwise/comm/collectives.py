@@ -11,8 +11,10 @@
                           params that see different tokens or heads on each rank)
     sum_grad_over_replicas  fwd identity            bwd sum over the ranks holding the same slice
 
-Every collective runs through `run_collective`, the one place observers (the profiler) see op, bytes and
-time. With tp=1 every function returns its input untouched and issues nothing.
+The primitives under them (all_reduce_, all_gather, reduce_scatter) are blocking or, with async_op=True,
+return a Pending (what the overlapped layers use); either way they run through `events.run_collective`, the
+one place observers (the profiler) see op, bytes and time. With tp=1 every autograd function returns its
+input untouched and issues nothing.
 """
 
 from __future__ import annotations
@@ -28,57 +30,58 @@ __all__ = ["all_gather", "all_reduce_", "copy_params_to_tp", "copy_to_tp", "gath
            "sum_grad_over_replicas"]  # fmt: skip
 
 
-# ---- primitives (no autograd) -------------------------------------------------------------------
+# ---- primitives (no autograd): blocking, or async_op=True for a Pending (its wait() gives the result) ----
 
 
-def all_reduce_(x: torch.Tensor, mesh: Mesh, tag: str, phase: str, op=dist.ReduceOp.SUM) -> torch.Tensor:
+def _group(mesh: Mesh, group: str):
+    """(process group, size) of the mesh dimension `group`: "tp" (every layer) or "dp" (gradient sync)."""
+    if group == "tp":
+        return mesh.tp_group, mesh.tp_size
+    if group == "dp":
+        return mesh.dp_group, mesh.dp_size
+    raise ValueError(f"group must be 'tp' or 'dp', got {group!r}")
+
+
+def all_reduce_(x: torch.Tensor, mesh: Mesh, tag: str, phase: str, op=dist.ReduceOp.SUM, *, group: str = "tp",
+                async_op: bool = False):  # fmt: skip
+    """x: [...] on each rank -> its sum (or `op`) over the `group` ranks, in place (x itself is returned,
+    made contiguous first)."""
     x = x.contiguous()
-    run_collective(
-        "all_reduce", x.numel(), x, mesh, tag, phase, lambda: dist.all_reduce(x, op=op, group=mesh.tp_group)
-    )
-    return x
+    pg, size = _group(mesh, group)
+    issue = lambda a: dist.all_reduce(x, op=op, group=pg, async_op=a)  # noqa: E731
+    return run_collective("all_reduce", x.numel(), x, x, size, tag, phase, issue, async_op)
 
 
-def all_gather(x: torch.Tensor, dim: int, mesh: Mesh, tag: str, phase: str) -> torch.Tensor:
-    """x: [..., n, ...] on each rank -> [..., n * tp, ...], rank order along `dim`."""
+def all_gather(x: torch.Tensor, dim: int, mesh: Mesh, tag: str, phase: str, *, async_op: bool = False):
+    """x: [..., n, ...] on each rank -> [..., n * tp, ...], rank order along `dim` (async: dim 0 only)."""
+    dim = dim % x.dim()
+    if async_op and dim:
+        raise ValueError("an async all_gather concatenates along dim 0; move the dim first or use async_op=False")
     x = x.contiguous()
     # The output is the rank-order concatenation along dim 0 (gloo insists on that exact shape).
     out = torch.empty((mesh.tp_size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-    run_collective(
-        "all_gather",
-        out.numel(),
-        x,
-        mesh,
-        tag,
-        phase,
-        lambda: dist.all_gather_single(out, x, group=mesh.tp_group),
-    )
-    dim = dim % x.dim()
-    if dim == 0:
-        return out
+    issue = lambda a: dist.all_gather_single(out, x, group=mesh.tp_group, async_op=a)  # noqa: E731
+    result = run_collective("all_gather", out.numel(), x, out, mesh.tp_size, tag, phase, issue, async_op)
+    if async_op or dim == 0:
+        return result
     return torch.cat(out.view(mesh.tp_size, *x.shape).unbind(0), dim=dim)
 
 
-def reduce_scatter(x: torch.Tensor, mesh: Mesh, tag: str, phase: str) -> torch.Tensor:
-    """x: [n * tp, ...] partial sums on each rank -> [n, ...] this rank's slice of the total."""
+def reduce_scatter(x: torch.Tensor, mesh: Mesh, tag: str, phase: str, *, out: torch.Tensor | None = None,
+                   async_op: bool = False):  # fmt: skip
+    """x: [n * tp, ...] partial sums on each rank -> [n, ...] this rank's slice of the total (written into
+    `out`, contiguous, when given)."""
     if x.shape[0] % mesh.tp_size:
         raise ValueError(
             f"sequence parallelism splits dim 0 ({x.shape[0]} tokens) across tp={mesh.tp_size} ranks; "
             f"use a sequence length that is a multiple of {mesh.tp_size}"
         )
     x = x.contiguous()
-    out = torch.empty((x.shape[0] // mesh.tp_size, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty((x.shape[0] // mesh.tp_size, *x.shape[1:]), dtype=x.dtype, device=x.device)
     # gloo has reduce_scatter_single in torch 2.13 (checked), so no emulation over all_reduce is needed.
-    run_collective(
-        "reduce_scatter",
-        x.numel(),
-        x,
-        mesh,
-        tag,
-        phase,
-        lambda: dist.reduce_scatter_single(out, x, group=mesh.tp_group),
-    )
-    return out
+    issue = lambda a: dist.reduce_scatter_single(out, x, group=mesh.tp_group, async_op=a)  # noqa: E731
+    return run_collective("reduce_scatter", x.numel(), x, out, mesh.tp_size, tag, phase, issue, async_op)
 
 
 def _gather_last_uneven(x: torch.Tensor, sizes: list[int], mesh: Mesh, tag: str, phase: str) -> torch.Tensor:

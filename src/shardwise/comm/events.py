@@ -1,12 +1,14 @@
-"""What observers (the profiler) see of communication and compute, and the one choke point every
-collective passes through.
+"""What observers (the profiler, the demo's narrator) see of communication and compute, and the one choke
+point every collective, blocking or async, passes through.
 
-    CollectiveEvent   op, bytes, time, layer tag, phase; for async ops the exposed and in-flight time
+    CollectiveStart   a collective was issued: op, bytes, layer tag, phase (only to observers that ask)
+    CollectiveEvent   a collective finished: op, bytes, time, layer tag, phase; for async ops the exposed
+                      and in-flight time
     ComputeEvent      a layer's forward or backward compute time
-    add_observer / remove_observer / observed()
-    run_collective    runs a blocking collective, timing it for the observers (CUDA events on GPU)
-    issue_async       starts an async collective; its Pending reports when waited on
+    add_observer(fn, starts=False) / remove_observer(fn) / observed()
+    run_collective    issues a collective, blocking (timed around it) or async (a Pending, timed when waited)
     timed_compute     fn(x, ...) with its forward and backward time reported
+    now / emit        a clock that waits for the device; hand an event to every observer
 
 With no observer every function here is a plain call: profiling costs nothing when off.
 """
@@ -19,10 +21,23 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..mesh import Mesh
+__all__ = ["CollectiveEvent", "CollectiveStart", "ComputeEvent", "Pending", "add_observer", "emit", "now",
+           "observed", "remove_observer", "run_collective", "timed_compute"]  # fmt: skip
 
-__all__ = ["CollectiveEvent", "ComputeEvent", "Pending", "add_observer", "emit", "issue_async", "now", "observed",
-           "remove_observer", "run_collective", "timed_compute"]  # fmt: skip
+
+@dataclass(frozen=True)
+class CollectiveStart:
+    """A collective has been issued (the finish comes later as a CollectiveEvent with the same fields)."""
+
+    op: str
+    group_size: int
+    numel: int
+    nbytes: int
+    tag: str
+    phase: str
+    start: float  # time.perf_counter() when it was issued
+    async_op: bool = False
+
 
 @dataclass(frozen=True)
 class CollectiveEvent:
@@ -36,9 +51,9 @@ class CollectiveEvent:
     phase: str  # fwd | bwd
     start: float = 0.0  # time.perf_counter() when it was issued
     cuda_events: tuple | None = None
-    # Async ops (overlap.py) hold the issuing thread only while issued and waited on: for them `seconds` is
-    # that exposed time (issue + wait), `wait_s` the wait alone, `inflight_s` issue to done as that thread
-    # saw it (so inflight_s - seconds was hidden behind compute). Blocking ops: all of `seconds` is exposed.
+    # Async ops hold the issuing thread only while issued and waited on: for them `seconds` is that exposed
+    # time (issue + wait), `wait_s` the wait alone, `inflight_s` issue to done as that thread saw it (so
+    # inflight_s - seconds was hidden behind compute). Blocking ops: all of `seconds` is exposed.
     wait_s: float | None = None
     inflight_s: float | None = None
     async_op: bool = False
@@ -62,15 +77,23 @@ class ComputeEvent:
     start: float = 0.0
 
 
-_observers: list[Callable[[CollectiveEvent | ComputeEvent], None]] = []
+Observer = Callable[[CollectiveStart | CollectiveEvent | ComputeEvent], None]
+_observers: list[Observer] = []
+_start_observers: list[Observer] = []  # the subset that also wants CollectiveStart
 
 
-def add_observer(observer: Callable[[CollectiveEvent], None]) -> None:
+def add_observer(observer: Observer, *, starts: bool = False) -> None:
+    """observer(event) for every CollectiveEvent and ComputeEvent; with starts=True also a CollectiveStart
+    when each collective is issued (the demo's narrator; the profiler does not need them)."""
     _observers.append(observer)
+    if starts:
+        _start_observers.append(observer)
 
 
-def remove_observer(observer: Callable[[CollectiveEvent], None]) -> None:
+def remove_observer(observer: Observer) -> None:
     _observers.remove(observer)
+    if observer in _start_observers:
+        _start_observers.remove(observer)
 
 
 def observed() -> bool:
@@ -78,69 +101,9 @@ def observed() -> bool:
     return bool(_observers)
 
 
-def run_collective(op: str, numel: int, tensor: torch.Tensor, mesh: Mesh, tag: str, phase: str, run) -> None:
-    if not _observers:
-        run()
-        return
-    start = time.perf_counter()
-    timing = None
-    if tensor.is_cuda:
-        # CUDA events on the compute stream: the time it waited on the collective, without draining the
-        # GPU after every op (which would serialise what the profiler is meant to observe).
-        timing = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-        timing[0].record()
-        run()
-        timing[1].record()
-        seconds = None
-    else:
-        run()
-        seconds = time.perf_counter() - start
-    emit(CollectiveEvent(op=op, group_size=mesh.tp_size, numel=numel, nbytes=numel * tensor.element_size(),
-                          dtype=tensor.dtype, seconds=seconds, tag=tag, phase=phase, start=start,
-                          cuda_events=timing))  # fmt: skip
-
-
-class Pending:
-    """An async collective in flight (from `issue_async`). `wait()` blocks until it is done, reports
-    it to the observers and returns `tensor`, its result, which must not be read before."""
-
-    __slots__ = ("tensor", "_work", "_report")
-
-    def __init__(self, work, tensor: torch.Tensor, report: tuple | None):
-        self.tensor, self._work, self._report = tensor, work, report
-
-    def wait(self) -> torch.Tensor:
-        if self._report is None:  # nobody observing: nothing to time
-            self._work.wait()
-            return self.tensor
-        op, numel, source, mesh, tag, phase, start, issue_s = self._report
-        timing = None
-        if source.is_cuda:  # the compute stream's stall in wait(), as for blocking ops
-            timing = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-            timing[0].record()
-        begin = time.perf_counter()
-        self._work.wait()
-        done = time.perf_counter()
-        if timing is not None:
-            timing[1].record()
-        wait_s = None if timing else done - begin
-        seconds = None if timing else issue_s + wait_s
-        emit(CollectiveEvent(op=op, group_size=mesh.tp_size, numel=numel, nbytes=numel * source.element_size(),
-                              dtype=source.dtype, seconds=seconds, tag=tag, phase=phase,
-                              start=start, cuda_events=timing, wait_s=wait_s, inflight_s=done - start,
-                              async_op=True))  # fmt: skip
-        return self.tensor
-
-
-def issue_async(op: str, numel: int, tensor: torch.Tensor, out: torch.Tensor, mesh: Mesh, tag: str,
-                      phase: str, issue) -> Pending:  # fmt: skip
-    """The async sibling of `run_collective`: `issue()` starts the op (async_op=True) and returns its work;
-    the observers hear of it when the returned Pending is waited on, with the exposed time."""
-    if not _observers:
-        return Pending(issue(), out, None)
-    start = time.perf_counter()
-    work = issue()
-    return Pending(work, out, (op, numel, tensor, mesh, tag, phase, start, time.perf_counter() - start))
+def emit(event) -> None:
+    for observer in _start_observers if isinstance(event, CollectiveStart) else _observers:
+        observer(event)
 
 
 def now(t: torch.Tensor) -> float:
@@ -149,9 +112,90 @@ def now(t: torch.Tensor) -> float:
     return time.perf_counter()
 
 
-def emit(event) -> None:
-    for observer in _observers:
-        observer(event)
+class _Stopwatch:
+    """Time spent by the issuing thread: wall clock on CPU; on CUDA two events on the compute stream, read
+    at resolve() (the time the stream waited, without draining the GPU after every op, which would
+    serialise what the profiler is meant to observe)."""
+
+    __slots__ = ("begin", "events", "seconds")
+
+    def __init__(self, tensor: torch.Tensor):
+        self.events = None
+        if tensor.is_cuda:
+            self.events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            self.events[0].record()
+        self.begin = time.perf_counter()
+
+    def stop(self) -> float:
+        """Wall seconds since start (the CPU-side time); on CUDA the events hold the stream's time."""
+        self.seconds = time.perf_counter() - self.begin
+        if self.events is not None:
+            self.events[1].record()
+        return self.seconds
+
+
+@dataclass(frozen=True)
+class _Issue:
+    """What an observer is told about one collective, known when it is issued."""
+
+    op: str
+    numel: int
+    source: torch.Tensor
+    group_size: int
+    tag: str
+    phase: str
+    start: float
+
+    def finished(self, watch: _Stopwatch, **async_times) -> CollectiveEvent:
+        exposed = watch.seconds + async_times.pop("issue_s", 0.0)  # async: the issue's time too
+        return CollectiveEvent(op=self.op, group_size=self.group_size, numel=self.numel,
+                               nbytes=self.numel * self.source.element_size(), dtype=self.source.dtype,
+                               seconds=None if watch.events is not None else exposed,
+                               tag=self.tag, phase=self.phase, start=self.start,
+                               cuda_events=watch.events, **async_times)  # fmt: skip
+
+
+class Pending:
+    """An async collective in flight (`run_collective(..., async_op=True)`). `wait()` blocks until it is done,
+    reports it to the observers and returns `tensor`, its result, which must not be read before."""
+
+    __slots__ = ("tensor", "_work", "_issue", "_issue_s")
+
+    def __init__(self, work, tensor: torch.Tensor, issue: _Issue | None, issue_s: float = 0.0):
+        self.tensor, self._work, self._issue, self._issue_s = tensor, work, issue, issue_s
+
+    def wait(self) -> torch.Tensor:
+        if self._issue is None:  # nobody observing: nothing to time
+            self._work.wait()
+            return self.tensor
+        watch = _Stopwatch(self._issue.source)  # the stall in wait(), as for blocking ops
+        self._work.wait()
+        wait_s = watch.stop()
+        done = time.perf_counter()
+        emit(self._issue.finished(watch, issue_s=self._issue_s, wait_s=None if watch.events else wait_s,
+                                  inflight_s=done - self._issue.start, async_op=True))  # fmt: skip
+        return self.tensor
+
+
+def run_collective(op: str, numel: int, source: torch.Tensor, result: torch.Tensor, group_size: int, tag: str,
+                   phase: str, issue: Callable[[bool], object], async_op: bool = False):  # fmt: skip
+    """The choke point. `issue(async_op)` calls torch.distributed (returning its work when async); `result`
+    is the tensor that holds the outcome. Blocking: runs it, reports it, returns `result`. Async: returns a
+    Pending whose wait() reports it (with the exposed time: issue + wait). `numel` is what the op moves
+    (the full tensor), `source` the input whose dtype gives the bytes."""
+    if not _observers:
+        work = issue(async_op)
+        return Pending(work, result, None) if async_op else result
+    info = _Issue(op, numel, source, group_size, tag, phase, time.perf_counter())
+    if _start_observers:
+        emit(CollectiveStart(op, group_size, numel, numel * source.element_size(), tag, phase, info.start, async_op))
+    watch = _Stopwatch(source)
+    work = issue(async_op)
+    if async_op:
+        return Pending(work, result, info, watch.stop())
+    watch.stop()
+    emit(info.finished(watch))
+    return result
 
 
 class _SpanEnd(torch.autograd.Function):
@@ -200,5 +244,3 @@ def timed_compute(tag: str, fn, x: torch.Tensor, *args):
     y = fn(x, *args)
     emit(ComputeEvent(tag, "fwd", now(y) - start, start))
     return _SpanEnd.apply(y, span) if y.requires_grad else y
-
-

@@ -36,6 +36,9 @@ def _demo_parser(sub) -> None:
     p.add_argument("--report", default=d.report, help="where to write the JSON report")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max |tp - dense| output difference for exit 0")
+    p.add_argument("--narrate", type=int, nargs="?", const=1, default=0, metavar="STEPS",
+                   help="print a line when each collective of the first STEPS steps (default 1) starts and "
+                   "finishes on each rank: layer, op, bytes, ms waited")  # fmt: skip
 
 
 def _model_parsers(sub) -> None:
@@ -221,8 +224,10 @@ def main(argv: list[str] | None = None) -> int:
             tp=args.tp, steps=args.steps, hidden=args.hidden, heads=args.heads, seq=args.seq, batch=args.batch,
             lr=args.lr, sequence_parallel=args.sequence_parallel, check=not args.no_check, warmup=args.warmup,
             seed=args.seed, report=args.report, progress=not args.no_progress, overlap=args.overlap,
-            chunks=args.chunks,
+            chunks=args.chunks, narrate=args.narrate,
         )  # fmt: skip
+        if args.narrate < 0:
+            parser.error(f"--narrate takes a number of steps >= 0, got {args.narrate}")
         return demo_main(cfg, tolerance=args.tolerance)
     return 2
 

@@ -17,6 +17,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import shardwise
+from shardwise import comm
+from shardwise.comm import CollectiveEvent, CollectiveStart
 from shardwise.nn import ParallelMLP, ParallelTransformerBlock
 from shardwise.profiler import Profile
 from shardwise.sharding import full_parameters
@@ -41,6 +43,7 @@ class DemoConfig:
     progress: bool = True
     overlap: bool = False  # overlapped collectives, run beside the same model without, interleaved
     chunks: int = 1
+    narrate: int = 0  # steps (from the first) whose collectives are told line by line as they start and finish
 
 
 class DemoModel(nn.Module):
@@ -57,6 +60,30 @@ class DemoModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block(x + self.mlp(x))
+
+
+class Narrator:
+    """A comm observer telling each collective as it starts and finishes, for a learner to follow what the
+    ranks wait on: `[rank 1] mlp.down fwd all_reduce 256.0 KiB over 2 ranks: finished, waited 0.412 ms`."""
+
+    def __init__(self, rank: int, out=None):
+        self.rank, self.out = rank, out
+
+    def __call__(self, event) -> None:
+        if isinstance(event, CollectiveStart):
+            kind = "async, in flight behind compute" if event.async_op else "blocking"
+            self._say(event, f"started ({kind})")
+        elif isinstance(event, CollectiveEvent):
+            event = event.resolve()  # CUDA: its time, read now
+            waited = event.wait_s if event.async_op else event.seconds
+            self._say(event, f"finished, waited {waited * 1e3:.3f} ms")
+
+    def _say(self, event, what: str) -> None:
+        out = self.out or sys.stdout
+        # one write per line: the ranks share the terminal, and print() would write the newline apart
+        out.write(f"[rank {self.rank}] {event.tag} {event.phase} {event.op} {event.nbytes / 1024:.1f} KiB "
+                  f"({event.nbytes} bytes) over {event.group_size} ranks: {what}\n")  # fmt: skip
+        out.flush()
 
 
 def _gather_tokens(x: torch.Tensor, mesh: shardwise.Mesh) -> torch.Tensor:
@@ -91,12 +118,17 @@ def run_rank(cfg: DemoConfig) -> dict | None:
     target_map = torch.randn(cfg.hidden, cfg.hidden, generator=data) / cfg.hidden**0.5
     bar = _progress(cfg) if lead else None
     max_diff_seen = 0.0
+    narrator = Narrator(mesh.rank)
     with Profile(model) as prof:
-        for _ in range(cfg.steps):
+        for step in range(cfg.steps):
             x = torch.randn(cfg.seq, cfg.batch, cfg.hidden, generator=data)
             target = torch.tanh(x @ target_map)  # a smooth function to fit: the loss must fall
             mine = slice(mesh.tp_rank * cfg.seq // mesh.tp_size, (mesh.tp_rank + 1) * cfg.seq // mesh.tp_size)
             x_local, target_local = (x[mine], target[mine]) if sp else (x, target)
+            narrating = step < cfg.narrate
+            if narrating:
+                sys.stdout.write(f"[rank {mesh.rank}] --- step {step}: forward, backward, Adam ---\n")
+                comm.add_observer(narrator, starts=True)
             prof.begin()
             out = model(x_local)
             # Sum over this rank's tokens / all tokens: with sequence parallelism the ranks' losses add up.
@@ -105,6 +137,8 @@ def run_rank(cfg: DemoConfig) -> dict | None:
             opt.step()
             opt.zero_grad(set_to_none=True)
             record = prof.step()
+            if narrating:
+                comm.remove_observer(narrator)
             if twin is not None:
                 with prof.paused(), twin_prof:
                     twin_prof.begin()
@@ -207,8 +241,10 @@ def main(cfg: DemoConfig, tolerance: float = 1e-4) -> int:
               f"({cmp['step_ms_change']:+.1%}), exposed comm {off['exposed_comm_ms']:.2f} -> "
               f"{on['exposed_comm_ms']:.2f} ms ({cmp['exposed_comm_ms_change']:+.1%})")  # fmt: skip
     if cfg.check:
-        print(f"vs dense: max |output diff| over all steps = {report['max_abs_diff_output']:.2e}, "
-              f"max |weight diff| after {cfg.steps} steps = {report['max_abs_diff_weights_after_training']:.2e}")
+        print(
+            f"vs dense: max |output diff| over all steps = {report['max_abs_diff_output']:.2e}, "
+            f"max |weight diff| after {cfg.steps} steps = {report['max_abs_diff_weights_after_training']:.2e}"
+        )
     report["elapsed_s"] = elapsed
     stem = cfg.report.removesuffix(".json")
     title = f"shardwise demo, tp={cfg.tp}{', sequence parallel' if cfg.sequence_parallel else ''} (rank 0)"

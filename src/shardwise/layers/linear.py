@@ -7,9 +7,10 @@ Where the communication happens, forward | backward:
     RowParallelLinear      reduce_from_tp: all-reduce of y | none   (SP: reduce-scatter | all-gather)
 
 overlap=True runs the same collectives asynchronously behind the matmuls, and chunks=k splits the tokens
-so chunk i's collective flies while chunk i+1 is computed (see overlap.py). For a column layer this is its
-forward(); enter() + project() (an input shared by q/k/v or gate/up) stay blocking: use
-overlap.column_forward(x, *layers) to overlap a shared input.
+so chunk i's collective flies while chunk i+1 is computed (see overlapped.py). One entry point per kind
+picks plain or overlapped: `column_linear(x, *layers)` (several projections of one input, q/k/v or
+gate/up, paying for its communication once; a column layer's forward is column_linear(x, self)) and
+RowParallelLinear.forward.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import torch.nn.functional as F
 from .. import comm
 from ..initialization import linear_fill, make_param
 from ..mesh import Mesh, resolve
-from ..sharding import ShardSpec, balanced_range, shard_spec, split_range, take
-from .overlapped import column_forward, row_forward
+from ..sharding import ShardSpec, balanced_range, copy_shard_info, shard_spec, split_range, take
+from .overlapped import LinearOptions, column_overlapped, row_overlapped
 
 
 def _check_features(name: str, value: int) -> None:
@@ -51,7 +52,12 @@ def _shares(total: int, tp: int) -> list[int]:
 
 
 class _ParallelLinear(nn.Module):
-    """What column and row layers share: argument checks, the mesh, the options, the parameters."""
+    """What column and row layers share: argument checks, the mesh, the options, the parameters,
+    from_dense and the repr."""
+
+    # The constructor's keyword options from_dense passes on (the sizes, bias, dtype come from the dense layer).
+    FROM_DENSE_OPTIONS: tuple[str, ...] = ()
+    _FLAG = ""  # the layer kind's own boolean option, shown by extra_repr
 
     def __init__(self, in_features, out_features, sequence_parallel, mesh, overlap, chunks):
         super().__init__()
@@ -72,6 +78,42 @@ class _ParallelLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
 
+    def _options(self) -> LinearOptions:
+        return LinearOptions(self.mesh, self.tag, self.sequence_parallel, self.chunks)
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, mesh: Mesh | None = None, **options):
+        """This rank's share of a dense nn.Linear (weight [out, in]); the layer equals the dense one. Its
+        sizes, bias and dtype are the dense layer's; `options` are any of FROM_DENSE_OPTIONS (column:
+        gather_output, sequence_parallel, out_ranges, replicated, overlap, chunks; row: input_is_parallel,
+        sequence_parallel, in_range, overlap, chunks). Draws nothing from torch's random generator."""
+        if "bias" in options:
+            raise ValueError(
+                f"{cls.__name__}.from_dense takes the bias from the dense layer (it has "
+                f"{'one' if linear.bias is not None else 'none'}); drop bias=, or build the nn.Linear with "
+                "bias=False"
+            )
+        unknown = sorted(set(options) - set(cls.FROM_DENSE_OPTIONS))
+        if unknown:
+            raise TypeError(f"{cls.__name__}.from_dense got unexpected options {unknown}; it accepts "
+                            f"{list(cls.FROM_DENSE_OPTIONS)} (sizes and dtype come from the dense layer)")  # fmt: skip
+        # on the meta device: nothing is drawn or allocated before the dense values are adopted
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, mesh=mesh, device="meta",
+                    dtype=linear.weight.dtype, **options)  # fmt: skip
+        dense = {"weight": linear.weight} | ({"bias": linear.bias} if linear.bias is not None else {})
+        adopt_shards(layer, dense)
+        return layer
+
+    def extra_repr(self) -> str:
+        spec = shard_spec(self.weight)
+        held = f"rows {spec.ranges}" if spec.dim == 0 else f"cols {spec.ranges}"
+        return (
+            f"in={self.in_features}, out={self.out_features} ({held}), tp={self.mesh.tp_size}, "
+            f"bias={self.bias is not None}, {self._FLAG}={getattr(self, self._FLAG)}, "
+            f"sequence_parallel={self.sequence_parallel}"
+            + (f", overlap=True, chunks={self.chunks}" if self.overlap else "")
+        )
+
 
 class ColumnParallelLinear(_ParallelLinear):
     """Rank i holds some rows of W: out/tp of them by default (shares differ by one where tp does not
@@ -84,6 +126,9 @@ class ColumnParallelLinear(_ParallelLinear):
     fused projection); `replicated=True` says other ranks may hold some of the same rows, whose
     grads are then summed across their holders in backward.
     """
+
+    FROM_DENSE_OPTIONS = ("gather_output", "sequence_parallel", "out_ranges", "replicated", "overlap", "chunks")
+    _FLAG = "gather_output"
 
     def __init__(
         self,
@@ -115,56 +160,49 @@ class ColumnParallelLinear(_ParallelLinear):
         spec = ShardSpec(0, self.out_ranges, out_features, replicated)
         self._make_params(spec, spec, bias, init_fill, device, dtype)
 
-    def enter(self, x: torch.Tensor) -> torch.Tensor:
-        """The input's communication, split out so several projections of one input (q, k, v; gate,
-        up) pay for it once: [s/tp or s, ..., in] -> [s, ..., in]."""
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"{self.tag}: expected input [..., {self.in_features}], got {list(x.shape)}")
-        if self.sequence_parallel:
-            return comm.gather_from_sp(x, self.mesh, self.tag)
-        return comm.copy_to_tp(x, self.mesh, self.tag)
-
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        """The local matmul on an already-entered input: [s, ..., in] -> [s, ..., out/tp]."""
-        weight, bias = self.local_params()
-        y = comm.timed_compute(self.tag, F.linear, x, weight, bias)
-        return self.output(y)
-
-    def local_params(self) -> list:
-        """[weight, bias] as the local matmul uses them (rows other ranks also hold get their grads summed)."""
+    def _local_params(self) -> tuple:
+        """(weight, bias) as the local matmul uses them (rows other ranks also hold get their grads summed)."""
         weight, bias = self.weight, self.bias
         if self.replicated:
             weight = comm.sum_grad_over_replicas(weight, self.mesh, self.out_ranges, self.out_features, self.tag)
             if bias is not None:
                 bias = comm.sum_grad_over_replicas(bias, self.mesh, self.out_ranges, self.out_features, self.tag)
-        return [weight, bias]
+        return weight, bias
 
-    def output(self, y: torch.Tensor) -> torch.Tensor:
+    def _output(self, y: torch.Tensor) -> torch.Tensor:
         """The local matmul's output as the layer returns it (gathered over tp with gather_output)."""
         if self.gather_output:
             y = comm.gather_from_tp(y, self.mesh, self.tag, self._gather_sizes)
         return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.overlap:
-            return column_forward(x, self)[0]
-        return self.project(self.enter(x))
+        return column_linear(x, self)[0]
 
-    @classmethod
-    def from_dense(cls, linear: nn.Linear, mesh: Mesh | None = None, **kwargs) -> ColumnParallelLinear:
-        """This rank's rows of a dense nn.Linear (weight [out, in]); the layer equals the dense one."""
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, mesh=mesh,
-                    device="meta", dtype=linear.weight.dtype, **kwargs)  # fmt: skip
-        _adopt_from(layer, linear)
-        return layer
 
-    def extra_repr(self) -> str:
-        return (
-            f"in={self.in_features}, out={self.out_features} (rows {self.out_ranges}), "
-            f"tp={self.mesh.tp_size}, bias={self.bias is not None}, "
-            f"gather_output={self.gather_output}, sequence_parallel={self.sequence_parallel}"
-            + (f", overlap=True, chunks={self.chunks}" if self.overlap else "")
-        )
+def column_linear(x: torch.Tensor, *layers: ColumnParallelLinear) -> tuple[torch.Tensor, ...]:
+    """The outputs of column-parallel layers sharing one input (one layer; q, k, v; gate, up), the input's
+    communication paid once: x: [s, ..., in] (sequence_parallel: [s/tp, ..., in]) -> one [s, ..., out_j/tp]
+    per layer ([..., out_j] with gather_output). Plain: copy_to_tp (SP: gather_from_sp), then one matmul
+    each; overlap=True at tp > 1: the same collectives async behind the matmuls (overlapped.py)."""
+    first = layers[0]
+    key = lambda layer: (layer.mesh, layer.in_features, layer.sequence_parallel, layer.overlap, layer.chunks)  # noqa: E731
+    for layer in layers[1:]:
+        if key(layer) != key(first):
+            raise ValueError(f"{layer.tag} cannot share its input with {first.tag}: mesh, in_features, "
+                             "sequence_parallel, overlap and chunks must agree")  # fmt: skip
+    if x.shape[-1] != first.in_features:
+        raise ValueError(f"{first.tag}: expected input [..., {first.in_features}], got {list(x.shape)}")
+    weights, biases = zip(*(layer._local_params() for layer in layers), strict=True)
+    if first.overlap and first.mesh.tp_size > 1:
+        ys = column_overlapped(x, first._options(), weights, biases)
+    else:
+        if first.sequence_parallel:
+            x = comm.gather_from_sp(x, first.mesh, first.tag)
+        else:
+            x = comm.copy_to_tp(x, first.mesh, first.tag)
+        ys = [comm.timed_compute(layer.tag, F.linear, x, w, b)
+              for layer, w, b in zip(layers, weights, biases, strict=True)]  # fmt: skip
+    return tuple(layer._output(y) for layer, y in zip(layers, ys, strict=True))
 
 
 class RowParallelLinear(_ParallelLinear):
@@ -173,8 +211,11 @@ class RowParallelLinear(_ParallelLinear):
 
     x: [..., in/tp] (input_is_parallel=False: [..., in], split here) -> y: [..., out] replicated
     (with sequence_parallel: [s/tp, ..., out], this rank's tokens). The bias is added once, after
-    the reduction.
+    the reduction. forward() is the one entry point: plain or overlapped (overlap=True) reduction.
     """
+
+    FROM_DENSE_OPTIONS = ("input_is_parallel", "sequence_parallel", "in_range", "overlap", "chunks")
+    _FLAG = "input_is_parallel"
 
     def __init__(
         self,
@@ -218,7 +259,7 @@ class RowParallelLinear(_ParallelLinear):
         if self.mesh.tp_size == 1:  # nothing to reduce: one fused GEMM + bias, like nn.Linear
             return comm.timed_compute(self.tag, F.linear, x, self.weight, self.bias)
         if self.overlap:
-            y = row_forward(self, x)
+            y = row_overlapped(x, self._options(), self.weight)
         else:
             y = comm.timed_compute(self.tag, F.linear, x, self.weight)
             if self.sequence_parallel:
@@ -232,22 +273,6 @@ class RowParallelLinear(_ParallelLinear):
             (bias,) = comm.copy_params_to_tp([bias], self.mesh, self.tag)
         return y + bias
 
-    @classmethod
-    def from_dense(cls, linear: nn.Linear, mesh: Mesh | None = None, **kwargs) -> RowParallelLinear:
-        """This rank's columns of a dense nn.Linear (weight [out, in]); the layer equals the dense one."""
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, mesh=mesh,
-                    device="meta", dtype=linear.weight.dtype, **kwargs)  # fmt: skip
-        _adopt_from(layer, linear)
-        return layer
-
-    def extra_repr(self) -> str:
-        return (
-            f"in={self.in_features} (cols {self.in_start}:{self.in_start + self.in_size}), "
-            f"out={self.out_features}, tp={self.mesh.tp_size}, bias={self.bias is not None}, "
-            f"input_is_parallel={self.input_is_parallel}, sequence_parallel={self.sequence_parallel}"
-            + (f", overlap=True, chunks={self.chunks}" if self.overlap else "")
-        )
-
 
 def adopt_shards(layer: nn.Module, dense: dict[str, torch.Tensor]) -> None:
     """Replace each (meta) parameter of `layer` by its shard of the full tensor `dense[name]`, as its
@@ -258,12 +283,5 @@ def adopt_shards(layer: nn.Module, dense: dict[str, torch.Tensor]) -> None:
         if tuple(old.shape) != tuple(values.shape):
             raise ValueError(f"{layer.tag}.{name}: expected shape {tuple(old.shape)}, got {tuple(values.shape)}")
         new = nn.Parameter(values.clone().to(layer.mesh.device), requires_grad=old.requires_grad)
-        new.tp_shard = shard_spec(old)
+        copy_shard_info(old, new)
         setattr(layer, name, new)
-
-
-def _adopt_from(layer: nn.Module, linear: nn.Linear) -> None:
-    dense = {"weight": linear.weight}
-    if linear.bias is not None:
-        dense["bias"] = linear.bias
-    adopt_shards(layer, dense)

@@ -1,4 +1,6 @@
-"""Communication hidden behind compute in the parallel linear layers (`overlap=True`, `chunks=k`).
+"""Communication hidden behind compute in the parallel linear layers (`overlap=True`, `chunks=k`): the
+autograd behind `column_overlapped` / `row_overlapped`, which layers/linear.py calls with explicit weights and
+a LinearOptions record. The collectives are comm's own primitives with async_op=True (one choke point).
 
     column, backward     dx's all-reduce (SP: reduce-scatter) runs while dW and db are computed; with chunks,
                          dx is computed chunk by chunk, chunk i's collective in flight during chunk i+1's dx
@@ -31,7 +33,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from .. import comm
@@ -65,8 +66,8 @@ class CheckedHandle:
 
 
 class Inflight:
-    """The async collectives of one layer call (an autograd forward or backward): issues them through
-    comm's choke point, checks them when SHARDWISE_CHECK_ASYNC=1, and, when the profiler observes, reports
+    """The async collectives of one layer call (an autograd forward or backward): issues them with comm's
+    primitives (async_op=True), checks them when SHARDWISE_CHECK_ASYNC=1, and, when the profiler observes, reports
     the call's compute time (its span less the time the thread was held by collectives).
 
         with Inflight(mesh, tag, "bwd", x) as comms:
@@ -95,9 +96,10 @@ class Inflight:
             end = comm.now(self.like)
             comm.emit(ComputeEvent(self.tag, self.phase, end - self.start - self.held, self.start))
 
-    def _issue(self, op: str, numel: int, source: torch.Tensor, out: torch.Tensor, start):
+    def _track(self, op: str, issue):
+        """issue() -> a Pending from comm's async primitives; the time it held this thread is not compute."""
         t0 = time.perf_counter()
-        pending = comm.issue_async(op, numel, source, out, self.mesh, self.tag, self.phase, start)
+        pending = issue()
         if self.observed:
             self.held += time.perf_counter() - t0
         if self.handles is None:
@@ -115,25 +117,17 @@ class Inflight:
         return out
 
     def all_reduce(self, x: torch.Tensor):
-        """Sum over the tp ranks, in place; the handle's result is x."""
-        x = x.contiguous()
-        group = self.mesh.tp_group
-        return self._issue("all_reduce", x.numel(), x, x, lambda: dist.all_reduce(x, group=group, async_op=True))
+        """Sum over the tp ranks, in place; the handle's result is x (made contiguous)."""
+        return self._track("all_reduce", lambda: comm.all_reduce_(x, self.mesh, self.tag, self.phase, async_op=True))
 
     def all_gather(self, x: torch.Tensor):
         """[n, ...] on each rank -> [tp * n, ...] in rank order."""
-        x = x.contiguous()
-        out = x.new_empty((self.mesh.tp_size * x.shape[0], *x.shape[1:]))
-        group = self.mesh.tp_group
-        return self._issue("all_gather", out.numel(), x, out,
-                           lambda: dist.all_gather_single(out, x, group=group, async_op=True))  # fmt: skip
+        return self._track("all_gather", lambda: comm.all_gather(x, 0, self.mesh, self.tag, self.phase, async_op=True))
 
     def reduce_scatter(self, x: torch.Tensor, out: torch.Tensor):
         """[tp * n, ...] partial sums -> this rank's [n, ...] of the total, written into `out` (contiguous)."""
-        x = x.contiguous()
-        group = self.mesh.tp_group
-        return self._issue("reduce_scatter", x.numel(), x, out,
-                           lambda: dist.reduce_scatter_single(out, x, group=group, async_op=True))  # fmt: skip
+        issue = lambda: comm.reduce_scatter(x, self.mesh, self.tag, self.phase, out=out, async_op=True)  # noqa: E731
+        return self._track("reduce_scatter", issue)
 
 
 # ---- chunk bookkeeping ------------------------------------------------------------------------------
@@ -171,7 +165,10 @@ def _weight_grad(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class _Plan:
+class LinearOptions:
+    """What the overlapped autograd needs of a layer besides its weights: built by the layer at each call
+    (the profiler renames tags after construction)."""
+
     mesh: Mesh
     tag: str
     sequence_parallel: bool
@@ -195,12 +192,12 @@ class _ColumnLinear(torch.autograd.Function):
     this rank's tokens and the outputs cover the whole sequence."""
 
     @staticmethod
-    def forward(ctx, x, plan: _Plan, *params):
+    def forward(ctx, x, opts: LinearOptions, *params):
         weights, biases = params[0::2], params[1::2]
-        tp = plan.mesh.tp_size
-        bounds = chunk_bounds(x.shape[0], plan.chunks)
-        with Inflight(plan.mesh, plan.tag, "fwd", x) as comms:
-            if not plan.sequence_parallel:
+        tp = opts.mesh.tp_size
+        bounds = chunk_bounds(x.shape[0], opts.chunks)
+        with Inflight(opts.mesh, opts.tag, "fwd", x) as comms:
+            if not opts.sequence_parallel:
                 full = x
                 ys = [F.linear(x, w, b) for w, b in zip(weights, biases, strict=True)]
             elif len(bounds) == 1:  # nothing to hide the gather behind
@@ -218,20 +215,20 @@ class _ColumnLinear(torch.autograd.Function):
                     _put(full, tp, offset, piece)
                     for y, w, b in zip(ys, weights, biases, strict=True):
                         _put(y, tp, offset, F.linear(piece, w, b))
-        ctx.plan, ctx.bounds, ctx.x_shape = plan, bounds, x.shape
+        ctx.opts, ctx.bounds, ctx.x_shape = opts, bounds, x.shape
         ctx.set_materialize_grads(False)  # an unused projection's grad stays None and is skipped
         ctx.save_for_backward(full, *weights)  # the gathered input, kept: backward never gathers again
         return tuple(ys)
 
     @staticmethod
     def backward(ctx, *grads):
-        plan, bounds = ctx.plan, ctx.bounds
-        tp, sp = plan.mesh.tp_size, plan.sequence_parallel
+        opts, bounds = ctx.opts, ctx.bounds
+        tp, sp = opts.mesh.tp_size, opts.sequence_parallel
         full, *weights = ctx.saved_tensors
-        needs = ctx.needs_input_grad  # x, plan, w0, b0, w1, b1, ...
+        needs = ctx.needs_input_grad  # x, opts, w0, b0, w1, b1, ...
         some_grad = next(g for g in grads if g is not None)
         dx = some_grad.new_empty(ctx.x_shape) if needs[0] and (sp or len(bounds) > 1) else None
-        with Inflight(plan.mesh, plan.tag, "bwd", some_grad) as comms:
+        with Inflight(opts.mesh, opts.tag, "bwd", some_grad) as comms:
             inflight = None  # (handle, offset) of the chunk whose dx collective is in flight
             for offset, size in bounds if needs[0] else ():
                 # this chunk's dx (summed over the projections) while the previous chunk's is reduced
@@ -277,14 +274,14 @@ class _RowLinear(torch.autograd.Function):
     tokens [s/tp, ..., out]. The bias is the caller's (added once, after the reduction)."""
 
     @staticmethod
-    def forward(ctx, x, plan: _Plan, weight):
-        tp, sp = plan.mesh.tp_size, plan.sequence_parallel
+    def forward(ctx, x, opts: LinearOptions, weight):
+        tp, sp = opts.mesh.tp_size, opts.sequence_parallel
         if sp:
             _check_tokens(x.shape[0], tp)
         n = x.shape[0] // tp if sp else x.shape[0]
-        bounds = chunk_bounds(n, plan.chunks)
+        bounds = chunk_bounds(n, opts.chunks)
         y = x.new_empty((n, *x.shape[1:-1], weight.shape[0])) if sp or len(bounds) > 1 else None
-        with Inflight(plan.mesh, plan.tag, "fwd", x) as comms:
+        with Inflight(opts.mesh, opts.tag, "fwd", x) as comms:
             inflight = None
             for offset, size in bounds:
                 z = F.linear(_rows(x, tp, offset, size) if sp else x[offset : offset + size], weight)
@@ -295,23 +292,23 @@ class _RowLinear(torch.autograd.Function):
                 else:
                     inflight = comms.all_reduce(z), offset
             y = _land(comms, *inflight, y, sp)
-        ctx.plan, ctx.bounds = plan, bounds
+        ctx.opts, ctx.bounds = opts, bounds
         ctx.save_for_backward(x, weight)
         return y
 
     @staticmethod
     def backward(ctx, g):
-        plan, bounds = ctx.plan, ctx.bounds
+        opts, bounds = ctx.opts, ctx.bounds
         x, weight = ctx.saved_tensors
         need_dx, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-        if not plan.sequence_parallel:  # the grad is replicated: no communication at all
-            with Inflight(plan.mesh, plan.tag, "bwd", g):  # (reports the compute time to the profiler)
+        if not opts.sequence_parallel:  # the grad is replicated: no communication at all
+            with Inflight(opts.mesh, opts.tag, "bwd", g):  # (reports the compute time to the profiler)
                 dx = g.matmul(weight) if need_dx else None
                 return dx, None, _weight_grad(g, x) if need_w else None
-        tp, chunked = plan.mesh.tp_size, len(bounds) > 1
+        tp, chunked = opts.mesh.tp_size, len(bounds) > 1
         dx = g.new_empty((*x.shape[:-1], weight.shape[1])) if need_dx and chunked else None
         full = g.new_empty((tp * g.shape[0], *g.shape[1:])) if chunked else None
-        with Inflight(plan.mesh, plan.tag, "bwd", g) as comms:
+        with Inflight(opts.mesh, opts.tag, "bwd", g) as comms:
             pending = comms.all_gather(g[: bounds[0][1]])
             for c, (offset, _) in enumerate(bounds):
                 gc = comms.wait(pending)  # [tp*size, ..., out]: this chunk's rows of every rank
@@ -328,35 +325,18 @@ class _RowLinear(torch.autograd.Function):
         return dx, None, _weight_grad(full, x) if need_w else None
 
 
-# ---- entry points (the layers call these when overlap=True) -------------------------------------------
+# ---- entry points (layers/linear.py calls these for overlap=True at tp > 1) ---------------------------
 
 
-def column_forward(x: torch.Tensor, *layers) -> tuple[torch.Tensor, ...]:
-    """The outputs of column-parallel layers sharing one input x (one layer; or q, k, v; gate, up), their
-    input communication overlapped: one all-gather (SP) forward, one dx collective backward, as enter() +
-    project() would issue. The layers must agree on mesh, in_features, sequence_parallel and chunks."""
-    first = layers[0]
-    for layer in layers[1:]:
-        same = (layer.mesh, layer.in_features, layer.sequence_parallel, layer.chunks)
-        if same != (first.mesh, first.in_features, first.sequence_parallel, first.chunks):
-            raise ValueError(f"{layer.tag} cannot share its input with {first.tag}: mesh, in_features, "
-                             "sequence_parallel and chunks must agree")  # fmt: skip
-    if first.mesh.tp_size == 1:  # nothing to overlap
-        x = first.enter(x)
-        return tuple(layer.project(x) for layer in layers)
-    if x.shape[-1] != first.in_features:
-        raise ValueError(f"{first.tag}: expected input [..., {first.in_features}], got {list(x.shape)}")
-    params = []
-    for layer in layers:
-        params += layer.local_params()
-    plan = _Plan(first.mesh, first.tag, first.sequence_parallel, first.chunks)
-    ys = _ColumnLinear.apply(x, plan, *params)
-    return tuple(layer.output(y) for layer, y in zip(layers, ys, strict=True))
+def column_overlapped(x: torch.Tensor, opts: LinearOptions, weights, biases) -> tuple[torch.Tensor, ...]:
+    """ys_j = x W_j^T + b_j for column-parallel projections sharing one input, the input's communication
+    overlapped: one all-gather (SP) forward, one dx collective backward. x: [s, ..., in] (SP: [s/tp, ..., in]),
+    weights[j]: [out_j/tp, in], biases[j]: [out_j/tp] or None -> ys[j]: [s, ..., out_j/tp]."""
+    params = [p for pair in zip(weights, biases, strict=True) for p in pair]
+    return _ColumnLinear.apply(x, opts, *params)
 
 
-def row_forward(layer, x: torch.Tensor) -> torch.Tensor:
-    """A row-parallel layer's reduced partial sums (no bias) with its output communication overlapped."""
-    if layer.mesh.tp_size == 1:  # nothing to overlap
-        return comm.timed_compute(layer.tag, F.linear, x, layer.weight)
-    plan = _Plan(layer.mesh, layer.tag, layer.sequence_parallel, layer.chunks)
-    return _RowLinear.apply(x, plan, layer.weight)
+def row_overlapped(x: torch.Tensor, opts: LinearOptions, weight: torch.Tensor) -> torch.Tensor:
+    """Row-parallel partial sums x W^T reduced over tp, the reduction overlapped with the matmul chunks (no
+    bias: the caller adds it once). x: [s, ..., in/tp], weight: [out, in/tp] -> [s, ..., out] (SP: [s/tp, ...])."""
+    return _RowLinear.apply(x, opts, weight)

@@ -15,10 +15,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import rng
-from ..heads import head_layout
+from ..heads import head_shards, layout_hint
 from ..layers import ColumnParallelLinear, RowParallelLinear
-from ..layers.overlapped import column_forward
+from ..layers.linear import column_linear
 from ..mesh import Mesh, resolve
+from ..sharding import set_shard_info
 
 
 def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
@@ -68,37 +69,31 @@ class ParallelAttention(nn.Module):
                 raise ValueError(f"hidden={hidden} is not divisible by num_heads={num_heads}; pass head_dim")
             head_dim = hidden // num_heads
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.layout = lay = head_layout(num_heads, num_kv_heads, self.mesh.tp_size, self.mesh.tp_rank)
+        shards = head_shards(num_heads, num_kv_heads, head_dim, self.mesh.tp_size, self.mesh.tp_rank)
+        self.layout = lay = shards.layout
         self.rope, self.rope_theta, self.attn_dropout = rope, rope_theta, attn_dropout
         common = dict(bias=bias, sequence_parallel=sequence_parallel, mesh=self.mesh, device=device, dtype=dtype)
         if overlap:  # async collectives overlapped with the GEMMs (overlap.py); the math is unchanged
             common |= dict(overlap=True, chunks=chunks)
-        d = head_dim
-        q_cols = (lay.q_start * d, lay.q_stop * d)
-        kv_rows = [(lay.kv_start * d, lay.kv_stop * d)]
-        self.q_proj = ColumnParallelLinear(hidden, num_heads * d, out_ranges=[q_cols], **common)
-        self.k_proj = ColumnParallelLinear(hidden, num_kv_heads * d, out_ranges=kv_rows, replicated=lay.kv_shared,
+        d, kv = head_dim, shards.kv
+        self.q_proj = ColumnParallelLinear(hidden, num_heads * d, out_ranges=shards.q.ranges, **common)
+        self.k_proj = ColumnParallelLinear(hidden, num_kv_heads * d, out_ranges=kv.ranges, replicated=kv.replicated,
                                            **common)  # fmt: skip
-        self.v_proj = ColumnParallelLinear(hidden, num_kv_heads * d, out_ranges=kv_rows, replicated=lay.kv_shared,
+        self.v_proj = ColumnParallelLinear(hidden, num_kv_heads * d, out_ranges=kv.ranges, replicated=kv.replicated,
                                            **common)  # fmt: skip
-        self.o_proj = RowParallelLinear(num_heads * d, hidden, in_range=q_cols, **common)
+        self.o_proj = RowParallelLinear(num_heads * d, hidden, in_range=shards.o.ranges[0], **common)
         self._kv_repeat = lay.uniform_repeat
         index_device = device if device is not None else self.mesh.device
         self.register_buffer("_kv_index", torch.tensor(lay.kv_index, device=index_device), persistent=False)
         # How the full tensors are cut, so a checkpoint can be resharded offline to another tp.
-        hint = {"kind": "heads", "num_heads": num_heads, "num_kv_heads": num_kv_heads, "head_dim": d}
         for role, proj in (("q", self.q_proj), ("kv", self.k_proj), ("kv", self.v_proj)):
             for param in proj.parameters():
-                param.tp_layout = hint | {"role": role}
-        self.o_proj.weight.tp_layout = hint | {"role": "o"}
+                set_shard_info(param, layout=layout_hint("heads", num_heads, num_kv_heads, d, role))
+        set_shard_info(self.o_proj.weight, layout=layout_hint("heads", num_heads, num_kv_heads, d, "o"))
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """cache: this layer's keys and values so far (generation); it is extended in place."""
-        if self.overlap:  # one input collective for q, k and v, overlapped
-            q, k, v = column_forward(x, self.q_proj, self.k_proj, self.v_proj)
-        else:
-            x = self.q_proj.enter(x)  # [s, b, hidden], entered once for q, k and v
-            q, k, v = (proj.project(x) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = column_linear(x, self.q_proj, self.k_proj, self.v_proj)  # one input collective for the three
         s, b = q.shape[0], q.shape[1]
         lay = self.layout
         q = q.view(s, b, lay.q_heads, self.head_dim)

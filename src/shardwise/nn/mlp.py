@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..layers import ColumnParallelLinear, RowParallelLinear
-from ..layers.overlapped import column_forward
+from ..layers.linear import column_linear
 from ..mesh import Mesh, resolve
 
 
@@ -27,21 +27,15 @@ class ParallelMLP(nn.Module):
         self.mesh = resolve(mesh)
         self.activation = activation
         col = dict(bias=bias, sequence_parallel=sequence_parallel, mesh=self.mesh, device=device, dtype=dtype)
-        if overlap:  # async collectives overlapped with the GEMMs (overlap.py); the math is unchanged
+        if overlap:  # async collectives behind the GEMMs (layers/overlapped.py); the math is unchanged
             col |= dict(overlap=True, chunks=chunks)
-        self.overlap = overlap
         if activation == "swiglu":
             self.gate = ColumnParallelLinear(hidden, ffn_hidden, **col)
         self.up = ColumnParallelLinear(hidden, ffn_hidden, **col)
         self.down = RowParallelLinear(ffn_hidden, hidden, **col)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.overlap:
-            if self.activation == "swiglu":
-                gate, up = column_forward(x, self.gate, self.up)
-                return self.down(F.silu(gate) * up)
-            return self.down(F.gelu(self.up(x)))
-        x = self.up.enter(x)
-        if self.activation == "swiglu":
-            return self.down(F.silu(self.gate.project(x)) * self.up.project(x))
-        return self.down(F.gelu(self.up.project(x)))
+        if self.activation == "swiglu":  # gate and up share one input collective
+            gate, up = column_linear(x, self.gate, self.up)
+            return self.down(F.silu(gate) * up)
+        return self.down(F.gelu(self.up(x)))
