@@ -138,11 +138,14 @@ class Profile:
                  f"{'R':>6}"]  # fmt: skip
         short = {"all_reduce": "AR", "all_gather": "AG", "reduce_scatter": "RS"}
         for r in rows:
-            ops = " ".join(
-                f"{phase}:{short[op]}" + (f"x{v:g}" if v != 1 else "")
-                for key, v in r["collectives_per_step"].items()
-                for phase, op in [key.split()]
-            ) or "-"
+            ops = (
+                " ".join(
+                    f"{phase}:{short[op]}" + (f"x{v:g}" if v != 1 else "")
+                    for key, v in r["collectives_per_step"].items()
+                    for phase, op in [key.split()]
+                )
+                or "-"
+            )
             ratio = f"{r['R']:.2f}" if r["R"] is not None else "-"
             lines.append(f"{r['layer']:<28} {ops:<28} {_human(r['bytes_per_step']):>11} "
                          f"{r['comm_ms_per_step']:>8.3f} {r['compute_ms_per_step']:>10.3f} {ratio:>6}")  # fmt: skip
