@@ -16,10 +16,11 @@ Overwriting a checkpoint is crash-safe: a save puts its shards in a fresh `shard
 only then deletes the old shards folder. A save that dies at any point leaves the old index and the
 old shards it names intact; the orphaned folder it leaves is deleted by the next save that completes.
 
-Index format (version 1):
+Index format (version 2):
 
-    {"format": "shardwise-checkpoint", "version": 1, "save_id": str, "tp_size": int,
+    {"format": "shardwise-checkpoint", "version": 2, "save_id": str, "tp_size": int,
      "shard_dir": "shards-<save_id>", "files": [relative paths, tp rank order],
+     "file_bytes": [size of each file in bytes, same order],
      "extra": the caller's JSON-able dict or null,
      "keys": [every state_dict key, in state_dict order, aliases included],
      "aliases": {name: canonical name},      # tied parameters: stored once, under the canonical name
@@ -29,35 +30,44 @@ Index format (version 1):
          "layout": the parameter's ShardInfo.layout hint or null (used by `reshard`),
          "transposed": the parameter's ShardInfo.transposed (the dense model stores it transposed, e.g.
                        transformers' Conv1D [in, out]; consolidate transposes it back),
-         "pieces": [{"file": relative path, "ranges": [[start, stop], ...] or null}]}}}
+         "pieces": [{"file": relative path, "ranges": [[start, stop], ...] or null,
+                     "sha256": hex digest of the tensor's bytes as stored in that file}]}}}
 
 A piece's ranges are dense coordinates along "dim" (padding past `valid` is never stored); the
 tensor stored under `name` in that file is those ranges concatenated along "dim". ranges null: the
 file holds the whole tensor. Ranges of different pieces may overlap (kv heads held by two ranks).
+
+Integrity: a load checks every file's size against "file_bytes" (a truncated file fails before
+anything is read) and every stored tensor it reads against its "sha256" (a flipped byte names the
+file and the tensor), so damaged files raise CheckpointError instead of loading silently. Version 1
+indexes (neither field) still load, unverified.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import uuid
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..sharding import ShardSpec
 
 FORMAT = "shardwise-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: per-tensor sha256 and per-file sizes; version 1 indexes still load, unverified
 INDEX = "index.json"
 SHARD_PREFIX = "shards-"
 _INDEX_TMP_PREFIX = f".{INDEX}.tmp-"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint's files are damaged (truncated, corrupt header, bytes that fail their checksum) or
+    mix two saves; the message names the file (and the tensor)."""
 
 
 @dataclass
@@ -130,6 +140,12 @@ def remove_stale(directory: Path, keep: str) -> None:
             entry.unlink(missing_ok=True)
 
 
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's bytes as safetensors stores them (contiguous, native little-endian)."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return hashlib.sha256(flat.view(torch.uint8).numpy().data).hexdigest()
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -160,122 +176,12 @@ def read_index(directory: str | os.PathLike) -> dict:
         raise ValueError(f"{path} is not valid JSON ({exc}); the checkpoint index is damaged") from exc
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise ValueError(f'{path} is not a shardwise checkpoint index (no "format": "{FORMAT}")')
-    if index.get("version", 0) > VERSION:
+    if not isinstance(index.get("version"), int) or index["version"] > VERSION:
         raise ValueError(
-            f"{path} has format version {index['version']}, this shardwise reads up to {VERSION}: upgrade shardwise"
+            f"{path} has format version {index.get('version')!r}, this shardwise reads up to {VERSION}: "
+            "upgrade shardwise"
         )
     return index
-
-
-class Reader:
-    """Reads any box of any saved tensor, lazily (safetensors slices), from the files that hold it."""
-
-    def __init__(self, directory: Path, index: dict):
-        self.directory, self.index = Path(directory), index
-        self._stack = ExitStack()
-        self._handles: dict[str, Any] = {}
-        self._keys: dict[str, set[str]] = {}
-
-    def __enter__(self) -> Reader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stack.close()
-
-    def check_files(self) -> None:
-        """Fail before anything is loaded if a file the index names is gone: every rank checks every
-        file, so all ranks fail alike instead of some loading and some not."""
-        for rel in self.index["files"]:
-            path = self.directory / rel
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"checkpoint {self.directory} is incomplete: {path} (named by {INDEX}) is missing; "
-                    "restore it or save the checkpoint again"
-                )
-
-    def _open(self, rel: str):
-        if rel not in self._handles:
-            path = self.directory / rel
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"checkpoint {self.directory} is incomplete: {path} (named by {INDEX}) is missing; "
-                    "restore it or save the checkpoint again"
-                )
-            handle = self._stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
-            saved_by = (handle.metadata() or {}).get("save_id")
-            if saved_by != self.index["save_id"]:
-                raise ValueError(
-                    f"{path} was written by save {saved_by!r}, but {INDEX} is from save {self.index['save_id']!r}: "
-                    "the directory mixes two checkpoints; save it again"
-                )
-            self._handles[rel] = handle
-            self._keys[rel] = set(handle.keys())
-        return self._handles[rel]
-
-    def _slice(self, rel: str, name: str, box: list[tuple[int, int]]) -> torch.Tensor:
-        handle = self._open(rel)
-        if name not in self._keys[rel]:
-            raise ValueError(f"{self.directory / rel} does not hold {name!r} although {INDEX} says it does")
-        if not box:  # a 0-dim tensor
-            return handle.get_tensor(name)
-        return handle.get_slice(name)[tuple(slice(lo, hi) for lo, hi in box)]
-
-    def read(self, name: str, box: list[tuple[int, int]]) -> torch.Tensor:
-        """dense[name][box]: box is one [lo, hi) per dim of the dense (unpadded) tensor."""
-        entry = self.index["tensors"][name]
-        shape = [hi - lo for lo, hi in box]
-        if any(size == 0 for size in shape):
-            return torch.empty(shape, dtype=dtype_of(entry["dtype"]))
-        whole = [piece for piece in entry["pieces"] if piece["ranges"] is None]
-        if whole:
-            return self._slice(whole[0]["file"], name, box)
-        dim = entry["dim"]
-        segments = []  # (start, stop, file, offset of start in that file's tensor)
-        for piece in entry["pieces"]:
-            offset = 0
-            for start, stop in piece["ranges"]:
-                segments.append((start, stop, piece["file"], offset))
-                offset += stop - start
-        lo, hi = box[dim]
-        parts, cur = [], lo
-        while cur < hi:
-            covering = [seg for seg in segments if seg[0] <= cur < seg[1]]
-            if not covering:
-                raise ValueError(
-                    f"checkpoint {self.directory} is incomplete: no file holds {name}[{cur}] along dim {dim}; "
-                    "save the checkpoint again"
-                )
-            start, stop, rel, offset = max(covering, key=lambda seg: seg[1])  # fewest reads
-            stop = min(stop, hi)
-            local = list(box)
-            local[dim] = (offset + cur - start, offset + stop - start)
-            parts.append(self._slice(rel, name, local))
-            cur = stop
-        return torch.cat(parts, dim) if len(parts) > 1 else parts[0]
-
-    def read_full(self, name: str) -> torch.Tensor:
-        return self.read(name, [(0, n) for n in self.index["tensors"][name]["shape"]])
-
-    def read_shard(self, name: str, spec: ShardSpec | None) -> torch.Tensor:
-        """The local tensor a parameter with ShardSpec `spec` holds: its ranges of the dense tensor,
-        zeros where a range runs past `valid` (padding, whatever tp the checkpoint was saved at)."""
-        if spec is None:
-            return self.read_full(name)
-        shape = self.index["tensors"][name]["shape"]
-        valid = spec.full if spec.valid is None else spec.valid
-        parts = []
-        for start, stop in spec.ranges:
-            real_stop = min(stop, valid)
-            if real_stop > start:
-                box = [(0, n) for n in shape]
-                box[spec.dim] = (start, real_stop)
-                parts.append(self.read(name, box))
-            padding = stop - max(start, valid)
-            if padding > 0:
-                pad_shape = list(shape)
-                pad_shape[spec.dim] = padding
-                parts.append(torch.zeros(pad_shape, dtype=dtype_of(self.index["tensors"][name]["dtype"])))
-        return torch.cat(parts, spec.dim) if len(parts) > 1 else parts[0]
 
 
 def real_ranges(spec: ShardSpec) -> list[tuple[int, int, int]]:
@@ -290,7 +196,9 @@ def real_ranges(spec: ShardSpec) -> list[tuple[int, int, int]]:
 
 
 def build_index(manifests: list[dict], save_id: str, shard_dir: str, extra: dict | None) -> dict:
-    """Merge the per-tp-rank manifests (tp rank order) into the index."""
+    """Merge the per-tp-rank manifests (tp rank order) into the index. A manifest: {"tp_rank", "file",
+    "bytes" (its size), "order", "keys", "aliases", "tensors": {name: {"dtype", "shape", "spec", "layout",
+    "transposed", "ranges", "stored", "sha256"}}}."""
     first = manifests[0]
     for m in manifests[1:]:
         if m["order"] != first["order"] or m["aliases"] != first["aliases"]:
@@ -316,7 +224,7 @@ def build_index(manifests: list[dict], save_id: str, shard_dir: str, extra: dict
             "specs": [meta["spec"] for meta in metas] if sharded else None,
             "layout": head["layout"],
             "transposed": head["transposed"],
-            "pieces": [{"file": m["file"], "ranges": meta["ranges"]}
+            "pieces": [{"file": m["file"], "ranges": meta["ranges"], "sha256": meta["sha256"]}
                        for m, meta in zip(manifests, metas, strict=True) if meta["stored"]],
         }  # fmt: skip
     return {
@@ -326,6 +234,7 @@ def build_index(manifests: list[dict], save_id: str, shard_dir: str, extra: dict
         "tp_size": len(manifests),
         "shard_dir": shard_dir,
         "files": [m["file"] for m in manifests],
+        "file_bytes": [m["bytes"] for m in manifests],
         "extra": extra,
         "keys": first["keys"],
         "aliases": first["aliases"],

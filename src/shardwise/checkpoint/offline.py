@@ -12,7 +12,6 @@ from ..heads import spec_from_hint
 from ..sharding import ShardSpec, balanced_range
 from .format import (
     SHARD_PREFIX,
-    Reader,
     build_index,
     fsync_dir,
     new_save_id,
@@ -20,9 +19,11 @@ from .format import (
     real_ranges,
     remove_stale,
     shard_file_name,
+    tensor_digest,
     write_index,
     write_shard_file,
 )
+from .reader import Reader
 
 __all__ = ["consolidate", "reshard"]
 
@@ -172,11 +173,13 @@ def reshard(dir_in: str | os.PathLike, dir_out: str | os.PathLike, tp: int) -> N
                 meta[name] = {"dtype": entry["dtype"], "shape": entry["shape"],
                               "spec": None if spec is None else spec.to_json(), "layout": entry.get("layout"),
                               "transposed": entry.get("transposed", False), "ranges": ranges,
-                              "stored": stored is not None}  # fmt: skip
+                              "stored": stored is not None,
+                              "sha256": None if stored is None else tensor_digest(stored)}  # fmt: skip
             metadata = {"format": "pt", "save_id": save_id, "tp_rank": str(rank), "tp_size": str(tp)}
             write_shard_file(dir_out / file_rel, tensors, metadata)
             del tensors
-            manifests.append({"tp_rank": rank, "file": file_rel, "order": list(index["tensors"]), "tensors": meta,
+            manifests.append({"tp_rank": rank, "file": file_rel, "bytes": (dir_out / file_rel).stat().st_size,
+                              "order": list(index["tensors"]), "tensors": meta,
                               "aliases": index["aliases"], "keys": index["keys"], "error": None})  # fmt: skip
         fsync_dir(dir_out / shard_dir)
         write_index(dir_out, build_index(manifests, save_id, shard_dir, index.get("extra")))

@@ -15,8 +15,8 @@ from ..sharding import ShardSpec, shard_info, shard_spec
 from .format import (
     INDEX,
     SHARD_PREFIX,
+    CheckpointError,
     LoadResult,
-    Reader,
     build_index,
     dtype_name,
     fsync_dir,
@@ -25,9 +25,11 @@ from .format import (
     real_ranges,
     remove_stale,
     shard_file_name,
+    tensor_digest,
     write_index,
     write_shard_file,
 )
+from .reader import Reader
 
 __all__ = ["LoadResult", "load_sharded", "read_index", "save_sharded"]
 
@@ -94,6 +96,7 @@ def _rank_manifest(model: torch.nn.Module, mesh: Mesh, file_rel: str) -> tuple[d
             "transposed": transposed,
             "ranges": ranges,
             "stored": stored is not None,
+            "sha256": None if stored is None else tensor_digest(stored),
         }
     manifest = {"tp_rank": mesh.tp_rank, "file": file_rel, "order": [n for n, _ in items], "tensors": meta,
                 "aliases": aliases, "keys": list(model.state_dict(keep_vars=True)), "error": None}  # fmt: skip
@@ -137,6 +140,7 @@ def save_sharded(model: torch.nn.Module, directory: str | os.PathLike, mesh: Mes
             metadata = {"format": "pt", "save_id": save_id, "tp_rank": str(mesh.tp_rank), "tp_size": str(mesh.tp_size)}
             write_shard_file(directory / file_rel, tensors, metadata)
             fsync_dir(directory / shard_dir)
+            manifest["bytes"] = (directory / file_rel).stat().st_size
             del tensors
         except Exception as exc:  # reported to rank 0, so that no rank is left waiting in a collective
             manifest, local_error = {"tp_rank": mesh.tp_rank, "error": f"{type(exc).__name__}: {exc}"}, exc
@@ -193,13 +197,43 @@ def load_sharded(model: torch.nn.Module, directory: str | os.PathLike, mesh: Mes
     """Load a checkpoint written by save_sharded (at any tp) into `model` (built at any tp), in place.
 
     Each tensor's local values are cut from the saved dense tensor by the tensor's own current
-    ShardSpec (zeros past `valid`), reading only those rows from the files. Not collective: each rank
-    reads what it needs. Everything (keys, shapes, files) is checked before anything is written, so a
-    failed load leaves the model unchanged. strict=False loads the keys both sides have and reports
-    the rest in the result. `mesh` only names this rank in errors.
+    ShardSpec (zeros past `valid`), reading only the stored pieces holding those rows, each checked
+    against its checksum. Everything (keys, shapes, files, checksums) is checked and read before anything
+    is written, so a failed load leaves the model unchanged. strict=False loads the keys both sides have
+    and reports the rest in the result.
+    Collective when the model's mesh spans several processes (every rank of its world calls it): the
+    ranks agree before any of them writes, so a file one rank finds damaged fails the load on every rank,
+    naming the file, and no rank is left with weights its peers do not have.
     """
     mesh = _mesh_of(model, mesh)
     directory = Path(directory)
+    loaded, result, error = [], None, None
+    try:
+        loaded, result = _read_local(model, directory, mesh, strict)
+    except Exception as exc:
+        error = exc
+    if mesh.world_size > 1 and dist.is_initialized():
+        mine = None if error is None else (type(error).__name__, str(error))
+        statuses = [None] * dist.get_world_size()
+        dist.all_gather_object(statuses, mine)
+        if error is None:
+            failed = [(rank, status) for rank, status in enumerate(statuses) if status is not None]
+            if failed:
+                rank, (kind, message) = failed[0]
+                cls = CheckpointError if kind == CheckpointError.__name__ else RuntimeError
+                raise cls(f"load_sharded from {directory} failed on rank {rank} ({kind}: {message}); "
+                          "the model is unchanged on every rank")  # fmt: skip
+    if error is not None:
+        raise error
+    with torch.no_grad():
+        for value, local in loaded:
+            value.copy_(local)  # casts if the model's dtype differs from the saved one
+    return result
+
+
+def _read_local(model: torch.nn.Module, directory: Path, mesh: Mesh, strict: bool):
+    """Check the checkpoint against the model and read this rank's local tensors:
+    ([(model tensor, its new local values)], LoadResult). Writes nothing."""
     index = read_index(directory)
     aliases = index["aliases"]
     saved = index["keys"]
@@ -236,8 +270,6 @@ def load_sharded(model: torch.nn.Module, directory: str | os.PathLike, mesh: Mes
         )
     with Reader(directory, index) as reader:
         reader.check_files()
-        with torch.no_grad():
-            for value, source, spec in plan:
-                local = reader.read_shard(source, spec)
-                value.copy_(local)  # casts if the model's dtype differs from the saved one
-    return LoadResult(missing if not strict else [], unexpected if not strict else [], index.get("extra"))
+        loaded = [(value, reader.read_shard(source, spec)) for value, source, spec in plan]
+    result = LoadResult(missing if not strict else [], unexpected if not strict else [], index.get("extra"))
+    return loaded, result
