@@ -2,6 +2,7 @@
 dense nn.Linear, on real gloo ranks: outputs, the full input gradient element by element on every rank,
 weight and bias grads; a Megatron MLP and a shared-input SwiGLU end to end; SHARDWISE_CHECK_ASYNC."""
 
+import math
 import os
 
 import pytest
@@ -10,6 +11,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.testing import assert_close
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import shardwise
 from helpers import shard, tokens
@@ -219,3 +221,100 @@ def test_tp1_and_bad_options():
         shardwise.ColumnParallelLinear(6, 5, chunks=2, mesh=shardwise.Mesh.single())
     with pytest.raises(ValueError, match="chunks must be a positive integer"):
         shardwise.RowParallelLinear(6, 5, overlap=True, chunks=0, mesh=shardwise.Mesh.single())
+
+
+# ---- overlap is real: the compute runs while the collective is in flight ------------------------------------
+
+
+class _Timeline(TorchDispatchMode):
+    """Records, in order, every collective's issue and the end of its wait (comm's observer: CollectiveStart at
+    issue, CollectiveEvent when wait() returns), and every matmul with its output shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.log = []
+
+    def observe(self, event):
+        kind = "issue" if isinstance(event, comm.CollectiveStart) else "waited"
+        if isinstance(event, (comm.CollectiveStart, comm.CollectiveEvent)):
+            self.log.append((kind, event.op, event.start))  # start identifies the collective in both
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
+            self.log.append(("mm", (out.numel() // out.shape[-1], out.shape[-1])))
+        return out
+
+    def __enter__(self):
+        comm.add_observer(self.observe, starts=True)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        comm.remove_observer(self.observe)
+        return super().__exit__(*exc)
+
+    def index(self, entry) -> int:
+        return self.log.index(entry)
+
+    def collectives(self, op):
+        """(issue index, waited index) of each `op`, in issue order."""
+        starts = [e[2] for e in self.log if e[:2] == ("issue", op)]
+        return [(self.index(("issue", op, t)), self.index(("waited", op, t))) for t in starts]
+
+    def matmuls(self, shape):
+        """Indices of the matmuls whose output is `shape` (leading dims flattened)."""
+        rows = math.prod(shape[:-1])
+        return [i for i, e in enumerate(self.log) if e == ("mm", (rows, shape[-1]))]
+
+
+def _in_flight_during(tl, op, k, shape, where):
+    """The k-th `op` collective was issued before a matmul with output `shape` and waited on after it."""
+    issue, waited = tl.collectives(op)[k]
+    assert any(issue < i < waited for i in tl.matmuls(shape)), (
+        f"{where}: no {list(shape)} matmul ran while {op} #{k} was in flight (issued at {issue}, waited at "
+        f"{waited}); timeline: {tl.log}"
+    )
+
+
+def _check_overlap_order(tp):
+    """column backward: dW runs between the dx collective's issue and its wait (with SP too); with chunks, chunk
+    c+1's dx between chunk c's issue and wait. row forward: chunk c+1's partial sums while chunk c is reduced;
+    row SP backward: chunk c's dx while chunk c+1's grad is gathered; column SP forward: chunk c multiplied while
+    chunk c+1 is gathered."""
+    mesh = shardwise.init_mesh(tp)
+    s, b, fin, fout = 4 * tp, 2, 8, 4 * tp
+    out_local = fout // tp
+    for sp, op in ((False, "all_reduce"), (True, "reduce_scatter")):
+        col = shardwise.ColumnParallelLinear(fin, fout, sequence_parallel=sp, overlap=True, mesh=mesh)
+        x = torch.randn(s // tp if sp else s, b, fin, requires_grad=True)
+        y = col(x)
+        with _Timeline() as tl:
+            y.backward(torch.randn_like(y))
+        _in_flight_during(tl, op, 0, (out_local, fin), f"column sp={sp} backward: dW")
+    col = shardwise.ColumnParallelLinear(fin, fout, overlap=True, chunks=2, mesh=mesh)
+    y = col(torch.randn(s, b, fin, requires_grad=True))
+    with _Timeline() as tl:
+        y.backward(torch.randn_like(y))
+    _in_flight_during(tl, "all_reduce", 0, (s // 2, b, fin), "column chunks=2 backward: chunk 1's dx")
+    _in_flight_during(tl, "all_reduce", 1, (out_local, fin), "column chunks=2 backward: dW")
+    x = torch.randn(s, b, fin, requires_grad=True)  # this rank's tokens: 4 per chunk
+    with _Timeline() as tl:
+        col_sp = shardwise.ColumnParallelLinear(fin, fout, sequence_parallel=True, overlap=True, chunks=2, mesh=mesh)
+        col_sp(x)
+    _in_flight_during(tl, "all_gather", 1, (tp * s // 2, b, out_local), "column SP forward: chunk 0's matmul")
+    for sp, op in ((False, "all_reduce"), (True, "reduce_scatter")):
+        row = shardwise.RowParallelLinear(fout, fin, sequence_parallel=sp, overlap=True, chunks=2, mesh=mesh)
+        x = torch.randn(s, b, out_local, requires_grad=True)
+        n = s // tp if sp else s
+        with _Timeline() as tl:
+            y = row(x)
+        _in_flight_during(tl, op, 0, (tp * n // 2 if sp else n // 2, b, fin), f"row sp={sp} forward: chunk 1")
+        if sp:
+            with _Timeline() as tl:
+                y.backward(torch.randn_like(y))
+            _in_flight_during(tl, "all_gather", 1, (tp * n // 2, b, out_local), "row SP backward: chunk 0's dx")
+    return True
+
+
+def test_overlap_runs_compute_while_collectives_fly():
+    assert all(shardwise.launch(_check_overlap_order, 2, 2))
