@@ -1,13 +1,16 @@
 """`shardwise train`: the GPT on real text with tp x dp ranks, checkpoints, exact resume.
 
 Batches are a pure function of (seed, step): every dp rank takes its slice of the step's global batch,
-and a resumed run sees exactly the batches the uninterrupted one would have. Checkpoints hold the
-model, the Adam state (sharded like the parameters, so they reshard too), the step and every rank's
-RNG state; a preflight compares all ranks' configs and shard shapes before the first step.
+and a resumed run sees exactly the batches the uninterrupted one would have. A checkpoint is one atomic
+unit: the model, the Adam state (sharded like the parameters, so it reshards too) and every rank's RNG
+state go through ONE save_sharded call, so one index names them all with one step, and a kill at any
+moment of a save leaves the previous checkpoint or the new one, never a mix. A preflight compares all
+ranks' configs and shard shapes before the first step.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
@@ -25,7 +28,6 @@ import torch.nn as nn
 import shardwise
 
 from ..checkpoint import load_sharded, read_index, save_sharded
-from ..checkpoint.format import atomic_write
 from ..data_parallel import average_gradients
 from ..nn import GPT, GPTConfig
 from ..preflight import preflight
@@ -130,13 +132,30 @@ class _AdamState(nn.Module):
             }
 
 
-def _set(root: nn.Module, dotted: str, param: nn.Parameter) -> None:
+class _TrainState(nn.Module):
+    """What one checkpoint holds: the model's state_dict under its own keys (so
+    `load_sharded(GPT(cfg, mesh), dir, strict=False)` reads just the weights) and Adam's moments under
+    "adam.exp_avg.<param>" / "adam.exp_avg_sq.<param>". The tensors are the model's and the optimizer
+    state's own, so saving or loading this saves or loads them."""
+
+    def __init__(self, model: nn.Module, adam: _AdamState):
+        super().__init__()
+        self.mesh = getattr(model, "mesh", None)
+        for name, value in model.state_dict(keep_vars=True).items():
+            _set(self, name, value)
+        self.add_module("adam", adam)
+
+
+def _set(root: nn.Module, dotted: str, value: torch.Tensor) -> None:
     *path, leaf = dotted.split(".")
     for part in path:
         if not hasattr(root, part):
             root.add_module(part, nn.Module())
         root = getattr(root, part)
-    root.register_parameter(leaf, param)
+    if isinstance(value, nn.Parameter):
+        root.register_parameter(leaf, value)
+    else:
+        root.register_buffer(leaf, value)
 
 
 def _get(root: nn.Module, dotted: str) -> torch.Tensor:
@@ -145,27 +164,74 @@ def _get(root: nn.Module, dotted: str) -> torch.Tensor:
     return root
 
 
+CHECKPOINT_KIND = "shardwise-train"
+
+
+def _rank() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _rng_states() -> list[str]:
+    """Every global rank's CPU RNG state (base64), rank order: small enough for the index."""
+    mine = base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode("ascii")
+    rank, world = _rank()
+    if world == 1:
+        return [mine]
+    states = [None] * world
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def checkpoint_exists(directory: Path) -> bool:
+    return (directory / "index.json").is_file() or (directory / "model" / "index.json").is_file()
+
+
 def save_checkpoint(directory: Path, model, opt, mesh, step: int, cfg: TrainConfig, losses: list, evals: list) -> None:
-    state = {"step": step, "config": asdict(cfg), "losses": losses, "evals": evals}
-    save_sharded(model, directory / "model", mesh, extra=state)
-    save_sharded(_AdamState(model, opt), directory / "adam", mesh, extra={"step": step})
-    rng = directory / "rng" / f"rank-{dist.get_rank() if dist.is_initialized() else 0:05d}.pt"
-    rng.parent.mkdir(parents=True, exist_ok=True)
-    rng_state = {"step": step, "cpu": torch.get_rng_state()}
-    atomic_write(rng, lambda tmp: torch.save(rng_state, tmp))  # a kill or power loss mid-write leaves the previous one
+    """Model, Adam moments and RNG states of `step` in ONE sharded checkpoint (collective)."""
+    state = {"kind": CHECKPOINT_KIND, "step": step, "config": asdict(cfg), "losses": losses, "evals": evals,
+             "rng": _rng_states()}  # fmt: skip
+    save_sharded(_TrainState(model, _AdamState(model, opt)), directory, mesh, extra=state)
 
 
 def load_checkpoint(directory: Path, model, opt, mesh) -> dict:
+    """Restore model, Adam and (same world size) this rank's RNG from `directory`; the index's extra."""
+    if not (directory / "index.json").is_file() and (directory / "model" / "index.json").is_file():
+        return _load_legacy(directory, model, opt, mesh)
+    state = read_index(directory)["extra"]
+    if not isinstance(state, dict) or state.get("kind") != CHECKPOINT_KIND:
+        raise ValueError(f"{directory} holds a sharded checkpoint that `shardwise train` did not write; "
+                         "pass --out of a train run, or start without --resume")  # fmt: skip
+    adam = _AdamState(model, opt)
+    load_sharded(_TrainState(model, adam), directory, mesh)
+    adam.copy_into(model, opt, state["step"])
+    rank, world = _rank()
+    if len(state["rng"]) == world:  # at another world size the ranks keep their seeded RNG (batches do not use it)
+        torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["rng"][rank])), dtype=torch.uint8))
+    return state
+
+
+def _load_legacy(directory: Path, model, opt, mesh) -> dict:
+    """Checkpoints of earlier versions: model/, adam/ and rng/ saved one after another, each with its step.
+    A kill between those saves left parts of different steps; such a checkpoint is refused, naming them."""
     state = read_index(directory / "model")["extra"]
+    steps = {"model/": state["step"], "adam/": read_index(directory / "adam")["extra"]["step"]}
+    rng = directory / "rng" / f"rank-{_rank()[0]:05d}.pt"
+    saved_rng = torch.load(rng, weights_only=True) if rng.exists() else None
+    if saved_rng is not None:
+        steps[f"rng/{rng.name}"] = saved_rng["step"]
+    if len(set(steps.values())) > 1:
+        parts = ", ".join(f"{part} at step {step}" for part, step in steps.items())
+        raise ValueError(
+            f"checkpoint {directory} mixes steps ({parts}): a save was killed between its parts, so resuming "
+            "would continue from a model and optimizer that never existed together. Restore a consistent copy "
+            "or start without --resume"
+        )
     load_sharded(model, directory / "model", mesh)
     adam = _AdamState(model, opt)
     load_sharded(adam, directory / "adam", mesh)
     adam.copy_into(model, opt, state["step"])
-    rng = directory / "rng" / f"rank-{dist.get_rank() if dist.is_initialized() else 0:05d}.pt"
-    if rng.exists():
-        saved = torch.load(rng, weights_only=True)
-        if saved["step"] == state["step"]:
-            torch.set_rng_state(saved["cpu"])
+    if saved_rng is not None:
+        torch.set_rng_state(saved_rng["cpu"])
     return state
 
 
@@ -186,7 +252,7 @@ def train_rank(cfg: TrainConfig, data: torch.Tensor) -> dict | None:
     train_data, eval_data = data[:split], data[split:]
     out = Path(cfg.out)
     start_step, losses, evals = 0, [], []
-    if cfg.resume and (out / "checkpoint" / "model" / "index.json").exists():
+    if cfg.resume and checkpoint_exists(out / "checkpoint"):
         state = load_checkpoint(out / "checkpoint", model, opt, mesh)
         start_step, losses = state["step"], state["losses"]
         evals = [tuple(e) for e in state.get("evals", [])]
