@@ -3,7 +3,8 @@ the vocabulary padded up to a multiple of tp. Padded rows are zero, never looked
 of the loss (see loss.py), so they never win an argmax.
 
 Communication, forward | backward: all-reduce of the looked-up rows | none
-(sequence_parallel: reduce-scatter over tokens | all-gather).
+(sequence_parallel: reduce-scatter over tokens | all-gather). The rows carry one extra column, the
+out-of-range-id verdict, so that every rank raises when any one saw a bad id (checks.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from .. import comm
 from ..initialization import make_param, normal_fill
 from ..mesh import Mesh, resolve
 from ..sharding import ShardSpec, copy_shard_info, set_shard_info
+from .checks import require
 
 
 def padded_vocab(num_embeddings: int, tp_size: int) -> int:
@@ -69,20 +71,28 @@ class VocabParallelEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"{self.tag}: ids must be int64 or int32, got {ids.dtype}")
-        if not ids.is_cuda and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
-            raise ValueError(
-                f"{self.tag}: token ids must lie in [0, {self.num_embeddings}), got "
-                f"[{int(ids.min())}, {int(ids.max())}]"
-            )
+        # Checked on the device, on every device (see checks.py); the message is the same on every rank.
+        bad = ((ids < 0) | (ids >= self.num_embeddings)).any()
+        message = (
+            f"{self.tag}: token ids must lie in [0, {self.num_embeddings}); a tp rank got one outside it "
+            "(check the tokenizer against num_embeddings, and that every tp rank gets the same ids)"
+        )
         if self.mesh.tp_size == 1:
+            require(~bad, message)
             return F.embedding(ids, self.weight, self._local_padding_idx)
         local = ids - self.vocab_start
         outside = (local < 0) | (local >= self.rows_per_rank)
         rows = F.embedding(local.masked_fill(outside, 0), self.weight, self._local_padding_idx)
         rows = rows.masked_fill(outside.unsqueeze(-1), 0.0)
+        # The verdict rides the all-reduce (or reduce-scatter) as one extra column, set on every token of
+        # a rank that saw a bad id: after the sum each rank's tokens carry it, so all raise or none does.
+        rows = torch.cat([rows, bad.to(rows.dtype).expand(*rows.shape[:-1], 1)], dim=-1)
         if self.sequence_parallel:
-            return comm.reduce_scatter_to_sp(rows, self.mesh, self.tag)
-        return comm.reduce_from_tp(rows, self.mesh, self.tag)
+            out = comm.reduce_scatter_to_sp(rows, self.mesh, self.tag)
+        else:
+            out = comm.reduce_from_tp(rows, self.mesh, self.tag)
+        require(out[..., -1].eq(0).all(), message)
+        return out[..., :-1].contiguous()  # contiguous: callers may .view() it, as they could before
 
     @classmethod
     def from_dense(cls, embedding: nn.Embedding, mesh: Mesh | None = None, **kwargs) -> VocabParallelEmbedding:

@@ -15,6 +15,8 @@ from ..layers.norm import Norm
 from ..mesh import Mesh, resolve
 from .block import ParallelTransformerBlock
 
+IGNORE_INDEX = -100  # targets equal to it add no loss (padding, prompt tokens), as in PyTorch and Hugging Face
+
 
 @dataclass
 class GPTConfig:
@@ -36,7 +38,8 @@ class GPTConfig:
 
 class GPT(nn.Module):
     """ids: [b, s] -> local logits [b, s, V'/tp] (V' = vocab padded to a multiple of tp), or with
-    targets [b, s]: the mean next-token loss (a scalar, equal on every tp rank)."""
+    targets [b, s]: the mean next-token loss over the targets != IGNORE_INDEX (a scalar, equal on every tp
+    rank; nan when every target is ignored, like F.cross_entropy)."""
 
     def __init__(self, config: GPTConfig, mesh: Mesh | None = None, device=None, dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -85,8 +88,13 @@ class GPT(nn.Module):
             return logits.transpose(0, 1)
         if targets.shape != ids.shape:
             raise ValueError(f"targets shape {list(targets.shape)} must equal ids shape {list(ids.shape)}")
-        loss = vocab_parallel_cross_entropy(logits, targets.t(), mesh, vocab_size=cfg.vocab_size)
-        return loss.mean()
+        start = self.embed.vocab_start  # the head's columns are the table's rows: no all-reduce to learn them
+        vocab_range = (start, start + self.embed.rows_per_rank)
+        loss = vocab_parallel_cross_entropy(logits, targets.t(), mesh, vocab_size=cfg.vocab_size,
+                                            ignore_index=IGNORE_INDEX, vocab_range=vocab_range)  # fmt: skip
+        # The mean over the targets that count, as F.cross_entropy: all ignored gives 0 / 0 = nan. Every rank
+        # holds all tokens here (under SP the head's input was gathered), so this count is the global one.
+        return loss.sum() / (targets != IGNORE_INDEX).sum()
 
     def full_logits(self, local_logits: torch.Tensor) -> torch.Tensor:
         """[b, s, V'/tp] -> [b, s, vocab_size]: gathered over tp, padding dropped (collective)."""
