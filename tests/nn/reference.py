@@ -79,7 +79,8 @@ class RefBlock(nn.Module):
     """Pre-norm: x + attn(norm1(x)), then + mlp(norm2(.)). x: [b, s, h]."""
 
     def __init__(self, hidden: int, heads: int, ffn: int | None = None, kv_heads: int | None = None,
-                 activation: str = "gelu", norm: str = "layernorm", bias: bool = True, use_rope: bool = False):  # fmt: skip
+                 activation: str = "gelu", norm: str = "layernorm", bias: bool = True,
+                 use_rope: bool = False):  # fmt: skip
         super().__init__()
         self.norm1 = ref_norm(hidden, norm)
         self.attn = RefAttention(hidden, heads, kv_heads, bias=bias, use_rope=use_rope)
@@ -95,7 +96,8 @@ class RefGPT(nn.Module):
     """ids [b, s] -> logits [b, s, vocab] (head tied to the embedding), or with targets the mean cross-entropy."""
 
     def __init__(self, vocab: int, hidden: int, layers: int, heads: int, kv_heads: int | None = None,
-                 ffn: int | None = None, activation: str = "gelu", norm: str = "layernorm", bias: bool = True):  # fmt: skip
+                 ffn: int | None = None, activation: str = "gelu", norm: str = "layernorm",
+                 bias: bool = True):  # fmt: skip
         super().__init__()
         self.embed = nn.Embedding(vocab, hidden)
         self.blocks = nn.ModuleList(
