@@ -79,21 +79,28 @@ def _rank_main(rank: int, world_size: int, env: dict[str, str], fn, args, result
                 pass
 
 
-def launch(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float | None = None) -> list[Any]:
+def launch(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float | None = None,
+           comm_timeout_s: float = 120.0) -> list[Any]:  # fmt: skip
     """Run `fn(*args)` on `world_size` local processes; return the per-rank results, rank order.
 
     `fn` must be importable (module level) because ranks are spawned. The first rank to fail has its
-    exception re-raised here with its traceback; the other ranks are killed.
+    exception re-raised here with its traceback; the other ranks are killed. `timeout_s`: the whole run
+    (None: no limit). `comm_timeout_s`: what init_mesh uses when not given timeout_s (SHARDWISE_TIMEOUT_S in
+    the ranks): the rendezvous (a rank that never calls init_mesh is named after it) and each collective.
+    120 s by default: local ranks that have not joined or answered by then are stuck, not slow.
     """
     __tracebackhide__ = True
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
+    if not comm_timeout_s > 0:
+        raise ValueError(f"comm_timeout_s must be a positive number of seconds, got {comm_timeout_s!r}")
     env = {
         "WORLD_SIZE": str(world_size),
         "LOCAL_WORLD_SIZE": str(world_size),
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(free_port()),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        "SHARDWISE_TIMEOUT_S": str(comm_timeout_s),
     }
     if "GLOO_SOCKET_IFNAME" not in os.environ and sys.platform.startswith("linux"):
         env["GLOO_SOCKET_IFNAME"] = "lo"

@@ -9,13 +9,15 @@ from __future__ import annotations
 import atexit
 import datetime
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
 
 _default_mesh: Mesh | None = None  # what `mesh=None` means
 _built_mesh: Mesh | None = None  # the mesh init_mesh() made: a second call returns it instead of new groups
+_joins = 0  # process groups this process joined: a fresh key prefix each time, so stale keys never count
+DEFAULT_TIMEOUT_S = 300.0  # rendezvous and collectives, when neither timeout_s nor $SHARDWISE_TIMEOUT_S says
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,8 @@ class Mesh:
     tp_group: dist.ProcessGroup | None = field(default=None, compare=False, repr=False)
     dp_group: dist.ProcessGroup | None = field(default=None, compare=False, repr=False)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"), compare=False)
+    # Ranks agree on every collective before issuing it (comm.checks; also SHARDWISE_DEBUG_COLLECTIVES=1).
+    debug: bool = field(default=False, compare=False)
 
     @property
     def rank(self) -> int:
@@ -59,14 +63,18 @@ def _env_int(name: str) -> int:
     return int(value)
 
 
-def init_mesh(tp: int, dp: int = 1, *, backend: str | None = None, timeout_s: float = 300.0) -> Mesh:
+def init_mesh(tp: int, dp: int = 1, *, backend: str | None = None, timeout_s: float | None = None,
+              debug: bool = False) -> Mesh:  # fmt: skip
     """Join the process group (if not joined yet) and build the tp x dp groups.
 
     Every rank must call this with the same tp and dp: process-group creation is collective.
     The result becomes the default mesh for layers built with `mesh=None`. Called again with the same
     tp and dp it returns the same mesh (no new process groups: each costs a collective and handles);
     with others it raises, since two meshes over one world would leave layers on mismatched groups.
-    `backend` and `timeout_s` apply when this call joins the process group.
+    `backend` and `timeout_s` apply when this call joins the process group: `timeout_s` bounds the rendezvous
+    (a rank that never calls init_mesh is named after it) and every collective; None means $SHARDWISE_TIMEOUT_S
+    (shardwise.launch sets it, default 120 s), else 300 s. `debug=True`: ranks agree on every collective
+    before issuing it and a mismatch raises naming both call sites (comm.checks; as SHARDWISE_DEBUG_COLLECTIVES=1).
     """
     global _default_mesh, _built_mesh
     if not isinstance(tp, int) or not isinstance(dp, int) or tp < 1 or dp < 1:
@@ -86,8 +94,12 @@ def init_mesh(tp: int, dp: int = 1, *, backend: str | None = None, timeout_s: fl
                 f"the process group already uses backend {dist.get_backend()!r}, not {backend!r}: "
                 "call torch.distributed.destroy_process_group() on every rank first to change it"
             )
+        if debug and not built.debug:
+            built = _built_mesh = replace(built, debug=True)
         _default_mesh = built
         return built
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("SHARDWISE_TIMEOUT_S", DEFAULT_TIMEOUT_S))
     if not dist.is_initialized():
         world_size = _env_int("WORLD_SIZE")
         rank = _env_int("RANK")
@@ -98,6 +110,7 @@ def init_mesh(tp: int, dp: int = 1, *, backend: str | None = None, timeout_s: fl
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(
             backend=backend,
+            store=_rendezvous(rank, world_size, timeout_s),
             rank=rank,
             world_size=world_size,
             timeout=datetime.timedelta(seconds=timeout_s),
@@ -141,9 +154,47 @@ def init_mesh(tp: int, dp: int = 1, *, backend: str | None = None, timeout_s: fl
         tp_group=tp_group,
         dp_group=dp_group,
         device=device,
+        debug=debug,
     )
     _default_mesh = _built_mesh = mesh
     return mesh
+
+
+def _rendezvous(rank: int, world_size: int, timeout_s: float) -> dist.Store:
+    """The store the process group is built on, after every rank has checked in (torch's env:// rendezvous
+    only says "1/2 clients joined" after its timeout: this names the ranks that never came). Rank 0 hosts
+    it at MASTER_ADDR:MASTER_PORT, as torch's own would; under torchrun the agent hosts it."""
+    global _joins
+    host, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), _env_int("MASTER_PORT")
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    try:
+        store = dist.TCPStore(host, port, world_size, is_master=rank == 0 and not agent, timeout=timeout,
+                              wait_for_workers=False, multi_tenant=not agent)  # fmt: skip
+    except RuntimeError as exc:
+        host_rank = "the torchrun agent" if agent else "rank 0"
+        raise RuntimeError(
+            f"rank {rank} of {world_size} could not reach the rendezvous store at {host}:{port} within "
+            f"{timeout_s:g} s: {host_rank}, which hosts it, never called init_mesh (or MASTER_ADDR/MASTER_PORT "
+            "differ between ranks)"
+        ) from exc
+    _joins += 1
+    prefix = f"shardwise/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{_joins}/"
+    keys = [f"{prefix}joined/{r}" for r in range(world_size)]
+    store.set(keys[rank], "1")
+    try:
+        store.wait(keys, timeout)
+    except RuntimeError:
+        joined = [r for r in range(world_size) if store.check([keys[r]])]
+        missing = [r for r in range(world_size) if r not in joined]
+        if not missing:  # all came just as we gave up
+            return dist.PrefixStore(prefix, store)
+        who = f"rank {missing[0]}" if len(missing) == 1 else f"ranks {missing}"
+        raise RuntimeError(
+            f"{who} of {world_size} never called init_mesh within {timeout_s:g} s (joined: "
+            f"{', '.join(map(str, joined))}); every rank must call init_mesh (raise timeout_s if it is just slow)"
+        ) from None
+    return dist.PrefixStore(prefix, store)
 
 
 def destroy_mesh() -> None:

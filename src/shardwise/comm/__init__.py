@@ -2,12 +2,14 @@
 
 `collectives`: the autograd duals (copy_to_tp/reduce_from_tp, gathers, scatters, the SP pair), blocking
 and async, all through one choke point. `events`: the observer API (CollectiveEvent, ComputeEvent,
-add_observer), the profiler's only window on communication.
+add_observer), the profiler's only window on communication. `checks`: what ranks agree on before a collective
+(same shapes; in debug mode the same op, tag and order), so mismatches raise on every rank.
 """
 
+from .checks import before, check_same_shape, debugging
 from .collectives import *  # noqa: F403
 from .collectives import __all__ as _collectives_all
 from .events import *  # noqa: F403
 from .events import __all__ as _events_all
 
-__all__ = [*_collectives_all, *_events_all]
+__all__ = ["before", "check_same_shape", "debugging", *_collectives_all, *_events_all]

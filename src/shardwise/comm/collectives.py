@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from ..mesh import Mesh
+from . import checks
 from .events import run_collective
 
 __all__ = ["all_gather", "all_reduce_", "copy_params_to_tp", "copy_to_tp", "gather_from_sp", "gather_from_tp",
@@ -49,11 +50,16 @@ def all_reduce_(x: torch.Tensor, mesh: Mesh, tag: str, phase: str, op=dist.Reduc
     x = x.contiguous()
     pg, size = _group(mesh, group)
     issue = lambda a: dist.all_reduce(x, op=op, group=pg, async_op=a)  # noqa: E731
-    return run_collective("all_reduce", x.numel(), x, x, size, tag, phase, issue, async_op)
+    # No shape check: all-reduce inputs come from replicated activations or parameters, never a rank's own tokens.
+    return run_collective("all_reduce", x.numel(), x, x, size, tag, phase, issue, async_op, group=pg,
+                          debug=mesh.debug)  # fmt: skip
 
 
-def all_gather(x: torch.Tensor, dim: int, mesh: Mesh, tag: str, phase: str, *, async_op: bool = False):
-    """x: [..., n, ...] on each rank -> [..., n * tp, ...], rank order along `dim` (async: dim 0 only)."""
+def all_gather(x: torch.Tensor, dim: int, mesh: Mesh, tag: str, phase: str, *, async_op: bool = False,
+               check_shape: bool = True):  # fmt: skip
+    """x: [..., n, ...] on each rank -> [..., n * tp, ...], rank order along `dim` (async: dim 0 only).
+    `check_shape`: first agree that every rank's x has the same shape (a ValueError on every rank if not; gloo
+    would abort the process); pass False where the caller knows (a backward mirroring a checked forward)."""
     dim = dim % x.dim()
     if async_op and dim:
         raise ValueError("an async all_gather concatenates along dim 0; move the dim first or use async_op=False")
@@ -61,17 +67,22 @@ def all_gather(x: torch.Tensor, dim: int, mesh: Mesh, tag: str, phase: str, *, a
     # The output is the rank-order concatenation along dim 0 (gloo insists on that exact shape).
     out = torch.empty((mesh.tp_size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
     issue = lambda a: dist.all_gather_single(out, x, group=mesh.tp_group, async_op=a)  # noqa: E731
-    result = run_collective("all_gather", out.numel(), x, out, mesh.tp_size, tag, phase, issue, async_op)
+    result = run_collective("all_gather", out.numel(), x, out, mesh.tp_size, tag, phase, issue, async_op,
+                            group=mesh.tp_group, check_shape=check_shape, debug=mesh.debug)  # fmt: skip
     if async_op or dim == 0:
         return result
     return torch.cat(out.view(mesh.tp_size, *x.shape).unbind(0), dim=dim)
 
 
 def reduce_scatter(x: torch.Tensor, mesh: Mesh, tag: str, phase: str, *, out: torch.Tensor | None = None,
-                   async_op: bool = False):  # fmt: skip
+                   async_op: bool = False, check_shape: bool = True):  # fmt: skip
     """x: [n * tp, ...] partial sums on each rank -> [n, ...] this rank's slice of the total (written into
-    `out`, contiguous, when given)."""
+    `out`, contiguous, when given). `check_shape` as for all_gather."""
     if x.shape[0] % mesh.tp_size:
+        # Agree first, as run_collective would: a peer whose count divides went on to issue, and must fail too
+        # (with the shapes of both); if every rank has this count, every rank raises below.
+        checks.before("reduce_scatter", x, mesh.tp_group, mesh.tp_size, tag, phase, check_shape=True,
+                      debug=mesh.debug)  # fmt: skip
         raise ValueError(
             f"sequence parallelism splits dim 0 ({x.shape[0]} tokens) across tp={mesh.tp_size} ranks; "
             f"use a sequence length that is a multiple of {mesh.tp_size}"
@@ -81,7 +92,8 @@ def reduce_scatter(x: torch.Tensor, mesh: Mesh, tag: str, phase: str, *, out: to
         out = torch.empty((x.shape[0] // mesh.tp_size, *x.shape[1:]), dtype=x.dtype, device=x.device)
     # gloo has reduce_scatter_single in torch 2.13 (checked), so no emulation over all_reduce is needed.
     issue = lambda a: dist.reduce_scatter_single(out, x, group=mesh.tp_group, async_op=a)  # noqa: E731
-    return run_collective("reduce_scatter", x.numel(), x, out, mesh.tp_size, tag, phase, issue, async_op)
+    return run_collective("reduce_scatter", x.numel(), x, out, mesh.tp_size, tag, phase, issue, async_op,
+                          group=mesh.tp_group, check_shape=check_shape, debug=mesh.debug)  # fmt: skip
 
 
 def _gather_last_uneven(x: torch.Tensor, sizes: list[int], mesh: Mesh, tag: str, phase: str) -> torch.Tensor:
@@ -178,8 +190,9 @@ class _GatherFromSP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        # The consumer is tensor-parallel, so each rank holds a partial grad of the full sequence.
-        return reduce_scatter(grad, ctx.mesh, ctx.tag, "bwd"), None, None
+        # The consumer is tensor-parallel, so each rank holds a partial grad of the full sequence (its shape
+        # is the forward's output's, which the forward's check made the same on every rank).
+        return reduce_scatter(grad, ctx.mesh, ctx.tag, "bwd", check_shape=False), None, None
 
 
 class _ReduceScatterToSP(torch.autograd.Function):
@@ -190,7 +203,7 @@ class _ReduceScatterToSP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return all_gather(grad, 0, ctx.mesh, ctx.tag, "bwd"), None, None
+        return all_gather(grad, 0, ctx.mesh, ctx.tag, "bwd", check_shape=False), None, None  # checked forward
 
 
 class _ScatterToSP(torch.autograd.Function):

@@ -21,6 +21,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from . import checks
+
 __all__ = ["CollectiveEvent", "CollectiveStart", "ComputeEvent", "Pending", "add_observer", "emit", "now",
            "observed", "remove_observer", "run_collective", "timed_compute"]  # fmt: skip
 
@@ -178,11 +180,16 @@ class Pending:
 
 
 def run_collective(op: str, numel: int, source: torch.Tensor, result: torch.Tensor, group_size: int, tag: str,
-                   phase: str, issue: Callable[[bool], object], async_op: bool = False):  # fmt: skip
+                   phase: str, issue: Callable[[bool], object], async_op: bool = False, *, group=None,
+                   check_shape: bool = False, debug: bool = False):  # fmt: skip
     """The choke point. `issue(async_op)` calls torch.distributed (returning its work when async); `result`
     is the tensor that holds the outcome. Blocking: runs it, reports it, returns `result`. Async: returns a
     Pending whose wait() reports it (with the exposed time: issue + wait). `numel` is what the op moves
-    (the full tensor), `source` the input whose dtype gives the bytes."""
+    (the full tensor), `source` the input whose dtype gives the bytes.
+
+    Before issuing, the ranks of `group` agree (checks.before): with `debug` (or SHARDWISE_DEBUG_COLLECTIVES=1) on
+    a fingerprint of the op, shape included; else with `check_shape` on source's shape."""
+    checks.before(op, source, group, group_size, tag, phase, check_shape=check_shape, debug=debug)
     if not _observers:
         work = issue(async_op)
         return Pending(work, result, None) if async_op else result

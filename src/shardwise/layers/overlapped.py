@@ -22,8 +22,14 @@ rows sit in a [tp, n, ...] view of the full sequence, so `_rows` and `_put` belo
 Chunk sizes differ by at most one (the first n % k are longer).
 
 SHARDWISE_CHECK_ASYNC=1: every handle asserts that its result is read only after wait(), that it is waited
-once, and that the layer call (an autograd forward or backward) waited on everything it issued. Unset, the
-handles are comm.Pending themselves: one environment lookup per layer call.
+once, and that the layer call (an autograd forward or backward) waited on everything it issued. A reduce-scatter
+that writes into a slice of a bigger tensor (dx, y) writes into a private buffer instead, copied there at wait();
+the slice holds NaN until then, so code that reads it early computes NaN (a failed comparison) instead of a
+result that is right whenever the collective happened to finish first. Unset, the handles are comm.Pending
+themselves: one environment lookup per layer call.
+
+Shapes: under sequence parallelism the ranks' token counts must agree; each layer call checks its input's shape
+once (comm.before, one small all-gather) and its chunks' collectives skip their own check.
 """
 
 from __future__ import annotations
@@ -47,22 +53,27 @@ def checking() -> bool:
 
 
 class CheckedHandle:
-    """A Pending that asserts it is used right: result read after wait(), waited exactly once."""
+    """A Pending that asserts it is used right: result read after wait(), waited exactly once. With `dest`, the
+    collective wrote into a private buffer: wait() copies it into `dest` (NaN until then) and returns `dest`."""
 
-    __slots__ = ("_pending", "op", "tag", "waited")
+    __slots__ = ("_pending", "dest", "op", "tag", "waited")
 
-    def __init__(self, pending: Pending, op: str, tag: str):
-        self._pending, self.op, self.tag, self.waited = pending, op, tag, False
+    def __init__(self, pending: Pending, op: str, tag: str, dest: torch.Tensor | None = None):
+        self._pending, self.op, self.tag, self.waited, self.dest = pending, op, tag, False, dest
 
     @property
     def tensor(self) -> torch.Tensor:
         assert self.waited, f"{self.op} issued by {self.tag}: its result was read before wait()"
-        return self._pending.tensor
+        return self._pending.tensor if self.dest is None else self.dest
 
     def wait(self) -> torch.Tensor:
         assert not self.waited, f"{self.op} issued by {self.tag}: waited twice"
         self.waited = True
-        return self._pending.wait()
+        result = self._pending.wait()
+        if self.dest is None:
+            return result
+        self.dest.copy_(result)
+        return self.dest
 
 
 class Inflight:
@@ -96,15 +107,16 @@ class Inflight:
             end = comm.now(self.like)
             comm.emit(ComputeEvent(self.tag, self.phase, end - self.start - self.held, self.start))
 
-    def _track(self, op: str, issue):
-        """issue() -> a Pending from comm's async primitives; the time it held this thread is not compute."""
+    def _track(self, op: str, issue, dest: torch.Tensor | None = None):
+        """issue() -> a Pending from comm's async primitives; the time it held this thread is not compute.
+        `dest`: where the result must land (check mode: issue() wrote into a private buffer)."""
         t0 = time.perf_counter()
         pending = issue()
         if self.observed:
             self.held += time.perf_counter() - t0
         if self.handles is None:
             return pending
-        handle = CheckedHandle(pending, op, self.tag)
+        handle = CheckedHandle(pending, op, self.tag, dest)
         self.handles.append(handle)
         return handle
 
@@ -116,18 +128,30 @@ class Inflight:
         self.held += time.perf_counter() - t0
         return out
 
+    def check_same_shape(self, x: torch.Tensor, op: str) -> None:
+        """Every rank's x has the same shape, or a ValueError on every rank (before any chunk is issued: ranks
+        with different token counts would issue different numbers of chunks)."""
+        comm.before(op, x, self.mesh.tp_group, self.mesh.tp_size, self.tag, self.phase, check_shape=True,
+                    debug=self.mesh.debug)  # fmt: skip
+
     def all_reduce(self, x: torch.Tensor):
         """Sum over the tp ranks, in place; the handle's result is x (made contiguous)."""
         return self._track("all_reduce", lambda: comm.all_reduce_(x, self.mesh, self.tag, self.phase, async_op=True))
 
     def all_gather(self, x: torch.Tensor):
         """[n, ...] on each rank -> [tp * n, ...] in rank order."""
-        return self._track("all_gather", lambda: comm.all_gather(x, 0, self.mesh, self.tag, self.phase, async_op=True))
+        issue = lambda: comm.all_gather(x, 0, self.mesh, self.tag, self.phase, async_op=True, check_shape=False)  # noqa: E731
+        return self._track("all_gather", issue)
 
     def reduce_scatter(self, x: torch.Tensor, out: torch.Tensor):
         """[tp * n, ...] partial sums -> this rank's [n, ...] of the total, written into `out` (contiguous)."""
-        issue = lambda: comm.reduce_scatter(x, self.mesh, self.tag, self.phase, out=out, async_op=True)  # noqa: E731
-        return self._track("reduce_scatter", issue)
+        dest = None
+        if self.handles is not None:  # check mode: out stays NaN until wait() copies the result in
+            dest, out = out, torch.empty_like(out, memory_format=torch.contiguous_format)
+            dest.fill_(float("nan"))
+        issue = lambda: comm.reduce_scatter(x, self.mesh, self.tag, self.phase, out=out, async_op=True,  # noqa: E731
+                                            check_shape=False)  # fmt: skip
+        return self._track("reduce_scatter", issue, dest)
 
 
 # ---- chunk bookkeeping ------------------------------------------------------------------------------
@@ -197,6 +221,8 @@ class _ColumnLinear(torch.autograd.Function):
         tp = opts.mesh.tp_size
         bounds = chunk_bounds(x.shape[0], opts.chunks)
         with Inflight(opts.mesh, opts.tag, "fwd", x) as comms:
+            if opts.sequence_parallel:
+                comms.check_same_shape(x, "all_gather")
             if not opts.sequence_parallel:
                 full = x
                 ys = [F.linear(x, w, b) for w, b in zip(weights, biases, strict=True)]
@@ -276,12 +302,13 @@ class _RowLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, opts: LinearOptions, weight):
         tp, sp = opts.mesh.tp_size, opts.sequence_parallel
-        if sp:
-            _check_tokens(x.shape[0], tp)
-        n = x.shape[0] // tp if sp else x.shape[0]
-        bounds = chunk_bounds(n, opts.chunks)
-        y = x.new_empty((n, *x.shape[1:-1], weight.shape[0])) if sp or len(bounds) > 1 else None
         with Inflight(opts.mesh, opts.tag, "fwd", x) as comms:
+            if sp:  # the same shape everywhere first, so that a bad token count raises on every rank
+                comms.check_same_shape(x, "reduce_scatter")
+                _check_tokens(x.shape[0], tp)
+            n = x.shape[0] // tp if sp else x.shape[0]
+            bounds = chunk_bounds(n, opts.chunks)
+            y = x.new_empty((n, *x.shape[1:-1], weight.shape[0])) if sp or len(bounds) > 1 else None
             inflight = None
             for offset, size in bounds:
                 z = F.linear(_rows(x, tp, offset, size) if sp else x[offset : offset + size], weight)

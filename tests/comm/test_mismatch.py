@@ -1,0 +1,97 @@
+"""Collective mismatches are clear errors on every rank: ranks holding different token counts under sequence
+parallelism (gloo would abort the process, "killed by signal 6"), and, in the debug mode, collectives issued in a
+different order (same-shaped all-reduces of two layers silently add the wrong tensors without it)."""
+
+import inspect
+import os
+
+import pytest
+import torch
+
+import shardwise
+from shardwise import comm
+from shardwise.layers.overlapped import Inflight
+
+
+def _uneven_tokens():
+    """7 tokens on rank 0, 6 on rank 1: every path that gathers or reduce-scatters the token dim."""
+    mesh = shardwise.init_mesh(2)
+    n = 7 - mesh.tp_rank
+    sizes = r"rank 0: \[7, 4\], rank 1: \[6, 4\]"
+    with pytest.raises(ValueError, match=rf"all_gather 'gather_from_sp' \(fwd\).*{sizes}.*same sequence length"):
+        comm.gather_from_sp(torch.ones(n, 4), mesh)
+    # reduce-scatter: rank 0's 7 does not divide by tp and rank 1's 6 does; both still fail, with both shapes
+    with pytest.raises(ValueError, match=sizes):
+        comm.reduce_scatter_to_sp(torch.ones(n, 4), mesh)
+    # the async path: the overlapped column layer checks its input once, before any chunk is issued
+    layer = shardwise.ColumnParallelLinear(4, 8, sequence_parallel=True, overlap=True, chunks=3, mesh=mesh)
+    with pytest.raises(ValueError, match=rf"all_gather '{layer.tag}' \(fwd\).*{sizes}"):
+        layer(torch.ones(n, 4))
+    row = shardwise.RowParallelLinear(8, 4, sequence_parallel=True, overlap=True, chunks=2, mesh=mesh)
+    with pytest.raises(ValueError, match=r"rank 0: \[8, 4\], rank 1: \[6, 4\]"):
+        row(torch.ones(8 - 2 * mesh.tp_rank, 4))
+    # the same count everywhere, but not a multiple of tp: every rank raises the same error
+    with pytest.raises(ValueError, match=r"splits dim 0 \(7 tokens\) across tp=2"):
+        comm.reduce_scatter_to_sp(torch.ones(7, 4), mesh)
+    with pytest.raises(ValueError, match=r"splits dim 0 \(7 tokens\) across tp=2"):
+        row(torch.ones(7, 4))
+    # and the ranks are still in step afterwards
+    return comm.gather_from_sp(torch.full((3, 2), float(mesh.tp_rank)), mesh).sum(1).tolist()
+
+
+def test_uneven_token_counts_raise_on_every_rank():
+    assert shardwise.launch(_uneven_tokens, 2) == [[0.0] * 3 + [2.0] * 3] * 2
+
+
+def _swapped(debug):
+    """Two same-shaped all-reduces, tags A and B, issued A then B on rank 0 and B then A on rank 1."""
+    mesh = shardwise.init_mesh(2, debug=debug)
+    a, b = torch.full((4,), 1.0 + mesh.tp_rank), torch.full((4,), 10.0 * (1 + mesh.tp_rank))
+    if mesh.tp_rank == 0:
+        comm.all_reduce_(a, mesh, "A", "fwd")  # rank 0 first
+        comm.all_reduce_(b, mesh, "B", "fwd")
+    else:
+        comm.all_reduce_(b, mesh, "B", "fwd")  # rank 1 first
+        comm.all_reduce_(a, mesh, "A", "fwd")
+    return a.tolist(), b.tolist()
+
+
+def _line(marker):
+    lines, first = inspect.getsourcelines(_swapped)
+    return first + next(i for i, text in enumerate(lines) if marker in text)
+
+
+def _swapped_checked():
+    # Documented limitation without the debug mode: the sums are of the wrong tensors and nobody notices.
+    a, b = _swapped(debug=False)
+    assert (a if shardwise.get_mesh().tp_rank == 0 else b) == [21.0] * 4  # rank 0's a added to rank 1's b
+    with pytest.raises(RuntimeError, match="collective mismatch") as info:
+        _swapped(debug=True)
+    text = str(info.value)
+    assert "tag='A'" in text and "tag='B'" in text, text
+    # both ranks' first collective, each with its own call site
+    assert (
+        f"rank 0 issues collective #0, all_reduce [4] float32 tag='A' (fwd), at {__file__}:{_line('rank 0 first')}"
+        in text
+    )
+    assert (
+        f"rank 1 issues collective #0, all_reduce [4] float32 tag='B' (fwd), at {__file__}:{_line('rank 1 first')}"
+        in text
+    )
+    # the environment variable turns it on too, for the overlapped (async) path as well
+    os.environ["SHARDWISE_DEBUG_COLLECTIVES"] = "1"
+    try:
+        mesh = shardwise.get_mesh()
+        t = torch.ones(2)
+        tag = "P" if mesh.tp_rank == 0 else "Q"
+        with pytest.raises(RuntimeError, match=r"tag='P'.*tag='Q'"):
+            with Inflight(mesh, tag, "bwd", t) as comms:
+                comms.wait(comms.all_reduce(t))
+        assert comm.all_reduce_(torch.ones(2), mesh, "same", "fwd").tolist() == [2.0, 2.0]  # agreeing ranks run
+    finally:
+        del os.environ["SHARDWISE_DEBUG_COLLECTIVES"]
+    return True
+
+
+def test_swapped_collectives_silent_by_default_raise_in_debug_mode():
+    assert shardwise.launch(_swapped_checked, 2) == [True, True]
