@@ -1,6 +1,7 @@
 """Property-based tests: random shapes, tp degrees and configs. Each case either equals the dense result
-or raises a clear ValueError; nothing hangs (multi-rank cases run under a short collective timeout) and
-no rank fails alone (every rank draws the same examples: derandomized, no shrinking)."""
+(output, input grad and every gathered weight grad) or raises a clear ValueError; nothing hangs (multi-rank
+cases run under a short collective timeout) and no rank fails alone (every rank draws the same examples:
+derandomized, no shrinking)."""
 
 import copy
 
@@ -14,7 +15,7 @@ import shardwise
 from shardwise.checkpoint import consolidate, reshard, save_sharded
 from shardwise.heads import head_layout
 from shardwise.nn import GPT, GPTConfig, ParallelAttention
-from shardwise.sharding import balanced_range, gather_full, shard_spec
+from shardwise.sharding import balanced_range, full_gradients, gather_full, shard_spec
 
 SAME_ON_EVERY_RANK = settings(derandomize=True, database=None, deadline=None, phases=[Phase.explicit, Phase.generate],
                               suppress_health_check=list(HealthCheck))  # fmt: skip
@@ -78,16 +79,30 @@ def _layer_fuzz(mesh):
             inp = x
         if sp and kind.startswith("column"):  # column layers take this rank's tokens under SP
             inp = inp.chunk(tp, dim=0)[mesh.tp_rank]
-        y = layer(inp.clone().requires_grad_())
-        want = dense(x).detach()
+        inp = inp.clone().requires_grad_()
+        y = layer(inp)
+        xd = x.clone().requires_grad_()
+        yd = dense(xd)
+        g = torch.randn(yd.shape, generator=torch.Generator().manual_seed(fin + fout))
+        yd.backward(g)
+        want, g_local, dx_want = yd.detach(), g, xd.grad
         if kind == "column":
             a, b = balanced_range(fout, tp, mesh.tp_rank)
-            want = want[..., a:b]
-        if sp and kind == "row":
-            want = want.chunk(tp, dim=0)[mesh.tp_rank]
+            want, g_local = want[..., a:b], g[..., a:b]
+        if kind == "row":
+            a, b = balanced_range(fin, tp, mesh.tp_rank)
+            dx_want = dx_want[..., a:b]
+        if sp and kind == "row":  # output: this rank's tokens
+            want, g_local = want.chunk(tp, dim=0)[mesh.tp_rank], g_local.chunk(tp, dim=0)[mesh.tp_rank]
+        if sp and kind.startswith("column"):  # input: this rank's tokens
+            dx_want = dx_want.chunk(tp, dim=0)[mesh.tp_rank]
         assert_close(y, want, atol=1e-5, rtol=1e-5)
-        y.sum().backward()
-        assert_close(gather_full(layer.weight.grad, shard_spec(layer.weight), mesh).shape, dense.weight.shape)
+        y.backward(g_local)
+        assert_close(inp.grad, dx_want, atol=1e-5, rtol=1e-5)
+        for name in ("weight", "bias"):
+            param = getattr(layer, name)
+            got = gather_full(param.grad, shard_spec(param), mesh)
+            assert_close(got, getattr(dense, name).grad, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"d{n}: {m}")
 
     @settings(SAME_ON_EVERY_RANK, max_examples=15)
     @given(kv=st.integers(1, 4), group=st.integers(1, 3), head_dim=st.integers(1, 3), rope=st.booleans())
@@ -103,7 +118,16 @@ def _layer_fuzz(mesh):
         torch.manual_seed(heads)
         dense = ParallelAttention(hidden, heads, kv, head_dim=2 * head_dim, rope=rope, mesh=shardwise.Mesh.single())
         x = torch.randn(5, 2, hidden)
-        assert_close(attn(x), dense(x), atol=1e-5, rtol=1e-5)
+        g = torch.randn(5, 2, hidden)
+        xs, xd = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y, yd = attn(xs), dense(xd)
+        assert_close(y, yd, atol=1e-5, rtol=1e-5)
+        y.backward(g)
+        yd.backward(g)
+        assert_close(xs.grad, xd.grad, atol=1e-5, rtol=1e-5)  # the whole input grad on every rank
+        grads = full_gradients(attn, mesh)
+        for name, p in dense.named_parameters():
+            assert_close(grads[name], p.grad, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"d{n}: {m}")
 
     @settings(SAME_ON_EVERY_RANK, max_examples=15)
     @given(vocab=st.integers(1, 40), tokens=st.integers(1, 8))
