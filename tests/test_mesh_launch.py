@@ -157,3 +157,22 @@ def test_a_stalled_rank_times_out_the_others_and_is_named():
         shardwise.launch(stall_on, 2, 1)
     assert time.monotonic() - start < 30
     assert any("ranks [1] were still running" in note for note in info.value.__notes__)
+
+
+def skip_init_on(rank_to_skip):
+    if int(os.environ["RANK"]) == rank_to_skip:
+        return "returned without init_mesh"
+    assert os.environ["SHARDWISE_TIMEOUT_S"] == "3.0"  # launch's comm_timeout_s reaches init_mesh's default
+    shardwise.init_mesh(2)
+
+
+def test_a_rank_that_never_calls_init_mesh_is_named():
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"rank 1 of 2 never called init_mesh within 3 s \(joined: 0\)"):
+        shardwise.launch(skip_init_on, 2, 1, comm_timeout_s=3)
+    assert time.monotonic() - start < 30  # the 3 s rendezvous timeout, not torch's default 30 min or ours 300 s
+    # rank 0 hosts the store: when it is the one missing, the others say so
+    with pytest.raises(RuntimeError, match=r"rank 1 of 2 could not reach .* rank 0, which hosts it, never called"):
+        shardwise.launch(skip_init_on, 2, 0, comm_timeout_s=3)
+    with pytest.raises(ValueError, match="comm_timeout_s must be a positive number"):
+        shardwise.launch(skip_init_on, 2, 0, comm_timeout_s=0)

@@ -100,7 +100,7 @@ def launch(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(free_port()),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-        "SHARDWISE_TIMEOUT_S": str(comm_timeout_s),
+        "SHARDWISE_TIMEOUT_S": str(float(comm_timeout_s)),
     }
     if "GLOO_SOCKET_IFNAME" not in os.environ and sys.platform.startswith("linux"):
         env["GLOO_SOCKET_IFNAME"] = "lo"
