@@ -40,6 +40,7 @@ def _check_linear(mesh, tokens, fin, fout, sp):
     y.backward(g)
     assert_close(xc.grad, shard(xd.grad, 0, mesh) if sp else xd.grad, **TOL)
     assert_close(full_grad(colg.weight, mesh), dense.weight.grad, **TOL)
+    assert_close(full_grad(colg.bias, mesh), dense.bias.grad, **TOL)
 
     # row-parallel, input already sharded
     row = shardwise.RowParallelLinear.from_dense(dense, mesh, sequence_parallel=sp)
@@ -59,6 +60,7 @@ def _check_linear(mesh, tokens, fin, fout, sp):
         y.backward(g)
         assert_close(xf.grad, xd.grad, **TOL)
         assert_close(full_grad(rowf.weight, mesh), dense.weight.grad, **TOL)
+        assert_close(rowf.bias.grad, dense.bias.grad, **TOL)
 
 
 def _check_embedding(mesh, vocab, dim, sp):
