@@ -177,9 +177,42 @@ def _check_async_checker(mesh):
         h.wait()
 
 
+def _check_async_slices(mesh):
+    """Check mode covers reduce-scatters that write straight into a slice (dx, y): the slice holds NaN until
+    wait(), so code that reads it early computes NaN, not a result that is right whenever the op was quick."""
+    os.environ["SHARDWISE_CHECK_ASYNC"] = "1"
+    tp = mesh.tp_size
+    dx = torch.zeros(3, 2)
+    parts = torch.arange(4.0 * tp).reshape(2 * tp, 2)  # the same partial sums on every rank
+    with overlap.Inflight(mesh, "probe", "bwd", dx) as comms:
+        h = comms.reduce_scatter(parts, dx[1:3])
+        assert dx[1:3].isnan().all(), dx  # what an early read sees
+        assert comms.wait(h).data_ptr() == dx[1:3].data_ptr()
+    assert torch.equal(dx[1:3], parts.view(tp, 2, 2)[mesh.tp_rank] * tp) and torch.equal(dx[0], torch.zeros(2))
+    assert torch.equal(h.tensor, dx[1:3])
+    # a backward that reads dx before its last reduce-scatter is waited on (a mutant of _land) now fails visibly
+    land = overlap._land
+
+    def early(comms, handle, offset, dx, sp):
+        snapshot = None if dx is None else dx.clone()  # read before the wait
+        result = land(comms, handle, offset, dx, sp)
+        return snapshot if sp else result
+
+    overlap._land = early
+    try:
+        layer = shardwise.ColumnParallelLinear(4, 2 * tp, sequence_parallel=True, overlap=True, chunks=2, mesh=mesh)
+        x = torch.randn(4, 4, requires_grad=True)
+        layer(x).sum().backward()
+        assert x.grad.isnan().any(), x.grad
+    finally:
+        overlap._land = land
+        del os.environ["SHARDWISE_CHECK_ASYNC"]
+
+
 def overlap_checks(tp, check_async):
     mesh = shardwise.init_mesh(tp)
     _check_async_checker(mesh)
+    _check_async_slices(mesh)
     if check_async:  # run every layer below with checked handles
         os.environ["SHARDWISE_CHECK_ASYNC"] = "1"
     for sp in (False, True):

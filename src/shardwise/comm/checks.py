@@ -35,29 +35,41 @@ def debugging(flag: bool = False) -> bool:
 
 
 def before(
-    op: str, source: torch.Tensor, group, group_size: int, tag: str, phase: str, *, check_shape: bool, debug: bool
+    op: str,
+    source: torch.Tensor,
+    group,
+    group_size: int,
+    tag: str,
+    phase: str,
+    *,
+    check_shape: bool,
+    debug: bool,
+    shape: tuple[int, ...] | None = None,
 ) -> None:
     """What the ranks of `group` agree on before `op` is issued (events.run_collective calls this; a primitive
-    that must fail before issuing calls it too, so its peers, which went on to issue, fail with it)."""
+    that must fail before issuing calls it too, so its peers, which went on to issue, fail with it). `shape`:
+    what must agree when not all of source's shape must (a row layer's input: its feature dim is a shard)."""
     if group_size == 1 or group is None:
         return
+    shape = tuple(source.shape) if shape is None else tuple(shape)
     if debugging(debug):
-        agree(op, source, group, group_size, tag, phase)
+        agree(op, shape, source.dtype, group, group_size, tag, phase)
     elif check_shape:
-        check_same_shape(source, group, group_size, f"{op} {tag!r} ({phase})")
+        check_same_shape(shape, group, group_size, f"{op} {tag!r} ({phase})")
 
 
-def check_same_shape(x: torch.Tensor, group, group_size: int, what: str) -> None:
-    """Raise ValueError on every rank of `group` unless x has the same shape on all of them. One all-gather of
+def check_same_shape(shape: tuple[int, ...], group, group_size: int, what: str) -> None:
+    """Raise ValueError on every rank of `group` unless `shape` is the same on all of them. One all-gather of
     a [1 + 8] int64 row; `what` names the collective in the message (e.g. "all_gather 'mlp.up' (fwd)")."""
     if group_size == 1:
         return
-    if x.dim() > _MAX_DIMS:
-        raise ValueError(f"{what}: tensors of more than {_MAX_DIMS} dims are not supported, got {x.dim()}")
+    if len(shape) > _MAX_DIMS:
+        raise ValueError(f"{what}: tensors of more than {_MAX_DIMS} dims are not supported, got {len(shape)}")
     row = torch.zeros(1 + _MAX_DIMS, dtype=torch.int64)
-    row[0] = x.dim()
-    row[1 : 1 + x.dim()] = torch.tensor(x.shape, dtype=torch.int64)
-    device = x.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    row[0] = len(shape)
+    row[1 : 1 + len(shape)] = torch.tensor(shape, dtype=torch.int64)
+    # NCCL moves only device tensors (one tiny copy and a sync per check); gloo takes the CPU row as it is.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else row.device
     rows = torch.empty(group_size * (1 + _MAX_DIMS), dtype=torch.int64, device=device)
     dist.all_gather_single(rows, row.to(device), group=group)
     shapes = [tuple(r[1 : 1 + r[0]]) for r in rows.view(group_size, -1).tolist()]
@@ -100,7 +112,7 @@ def _call_site() -> str:
     return "<unknown>"
 
 
-def agree(op: str, source: torch.Tensor, group, group_size: int, tag: str, phase: str) -> None:
+def agree(op: str, shape: tuple[int, ...], dtype: torch.dtype, group, group_size: int, tag: str, phase: str) -> None:
     """Debug mode: every rank of `group` exchanges what it is about to issue; raise on every rank naming the
     first rank whose fingerprint differs from the lowest rank's, with both call sites."""
     if group_size == 1:
@@ -108,8 +120,7 @@ def agree(op: str, source: torch.Tensor, group, group_size: int, tag: str, phase
     key = id(group)
     sequence = _sequence.get(key, 0)
     _sequence[key] = sequence + 1
-    mine = _Fingerprint(sequence, op, tuple(source.shape), str(source.dtype).removeprefix("torch."), tag, phase,
-                        _call_site())  # fmt: skip
+    mine = _Fingerprint(sequence, op, shape, str(dtype).removeprefix("torch."), tag, phase, _call_site())
     prints: list[_Fingerprint | None] = [None] * group_size
     dist.all_gather_object(prints, mine, group=group)
     ranks = dist.get_process_group_ranks(group)

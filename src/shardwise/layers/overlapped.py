@@ -29,7 +29,7 @@ result that is right whenever the collective happened to finish first. Unset, th
 themselves: one environment lookup per layer call.
 
 Shapes: under sequence parallelism the ranks' token counts must agree; each layer call checks its input's shape
-once (comm.before, one small all-gather) and its chunks' collectives skip their own check.
+once (Inflight.check_tokens: one small all-gather) and its chunks' collectives skip their own check.
 """
 
 from __future__ import annotations
@@ -128,11 +128,12 @@ class Inflight:
         self.held += time.perf_counter() - t0
         return out
 
-    def check_same_shape(self, x: torch.Tensor, op: str) -> None:
-        """Every rank's x has the same shape, or a ValueError on every rank (before any chunk is issued: ranks
-        with different token counts would issue different numbers of chunks)."""
+    def check_tokens(self, x: torch.Tensor, op: str) -> None:
+        """Every rank's x: [s, ..., features] has the same token dims (all but the last, which may be an uneven
+        shard), or a ValueError on every rank: before any chunk is issued, as ranks with different token counts
+        would issue different numbers of chunks."""
         comm.before(op, x, self.mesh.tp_group, self.mesh.tp_size, self.tag, self.phase, check_shape=True,
-                    debug=self.mesh.debug)  # fmt: skip
+                    debug=self.mesh.debug, shape=x.shape[:-1])  # fmt: skip
 
     def all_reduce(self, x: torch.Tensor):
         """Sum over the tp ranks, in place; the handle's result is x (made contiguous)."""
@@ -222,7 +223,7 @@ class _ColumnLinear(torch.autograd.Function):
         bounds = chunk_bounds(x.shape[0], opts.chunks)
         with Inflight(opts.mesh, opts.tag, "fwd", x) as comms:
             if opts.sequence_parallel:
-                comms.check_same_shape(x, "all_gather")
+                comms.check_tokens(x, "all_gather")
             if not opts.sequence_parallel:
                 full = x
                 ys = [F.linear(x, w, b) for w, b in zip(weights, biases, strict=True)]
@@ -304,7 +305,7 @@ class _RowLinear(torch.autograd.Function):
         tp, sp = opts.mesh.tp_size, opts.sequence_parallel
         with Inflight(opts.mesh, opts.tag, "fwd", x) as comms:
             if sp:  # the same shape everywhere first, so that a bad token count raises on every rank
-                comms.check_same_shape(x, "reduce_scatter")
+                comms.check_tokens(x, "reduce_scatter")
                 _check_tokens(x.shape[0], tp)
             n = x.shape[0] // tp if sp else x.shape[0]
             bounds = chunk_bounds(n, opts.chunks)
