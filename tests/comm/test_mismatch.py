@@ -10,6 +10,7 @@ import torch
 
 import shardwise
 from shardwise import comm
+from shardwise.comm import checks
 from shardwise.layers.overlapped import Inflight
 
 
@@ -35,6 +36,17 @@ def _uneven_tokens():
         comm.reduce_scatter_to_sp(torch.ones(7, 4), mesh)
     with pytest.raises(ValueError, match=r"splits dim 0 \(7 tokens\) across tp=2"):
         row(torch.ones(7, 4))
+    # SHARDWISE_CHECK_SHAPES=0 skips the agreement (its cost) where a run is known good
+    calls, original = [], checks.check_same_shape
+    checks.check_same_shape = lambda *args: calls.append(args) or original(*args)
+    try:
+        comm.gather_from_sp(torch.ones(2, 2), mesh)
+        os.environ["SHARDWISE_CHECK_SHAPES"] = "0"
+        comm.gather_from_sp(torch.ones(2, 2), mesh)
+    finally:
+        checks.check_same_shape = original
+        del os.environ["SHARDWISE_CHECK_SHAPES"]
+    assert len(calls) == 1
     # and the ranks are still in step afterwards
     return comm.gather_from_sp(torch.full((3, 2), float(mesh.tp_rank)), mesh).sum(1).tolist()
 
