@@ -124,8 +124,9 @@ def model_checks(tp):
         _check_module(mesh, lambda m, sp: ParallelMLP(32, 50, "swiglu", sequence_parallel=sp, mesh=m), sp, "MLP 50")
         _check_module(
             mesh,
-            lambda m, sp: ParallelTransformerBlock(32, 4, 64, num_kv_heads=2, activation="swiglu", norm="rmsnorm",
-                                                   rope=True, sequence_parallel=sp, mesh=m),  # fmt: skip
+            lambda m, sp: ParallelTransformerBlock(
+                32, 4, 64, num_kv_heads=2, activation="swiglu", norm="rmsnorm", rope=True, sequence_parallel=sp, mesh=m
+            ),  # fmt: skip
             sp,
             "block swiglu/rmsnorm/gqa",
         )

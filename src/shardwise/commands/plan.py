@@ -24,9 +24,11 @@ def main(model: str, devices: int, hardware: str | None, calibration: str | None
     print(why)
     if best is not None and best.tp > 1:
         k = overlap_chunks(cfg, hw, best)
-        print(f"overlap: with sequence parallelism, pipeline each all-gather/reduce-scatter in k={k} chunk(s) "
-              "(ColumnParallelLinear/RowParallelLinear overlap=True, chunks=k); this assumes the fabric moves data on "
-              "its own engines (NVLink does; gloo on CPUs competes with the GEMMs, and k=1 measured best there)")
+        print(
+            f"overlap: with sequence parallelism, pipeline each all-gather/reduce-scatter in k={k} chunk(s) "
+            "(ColumnParallelLinear/RowParallelLinear overlap=True, chunks=k); this assumes the fabric moves data on "
+            "its own engines (NVLink does; gloo on CPUs competes with the GEMMs, and k=1 measured best there)"
+        )
     if json_out:
         Path(json_out).write_text(json.dumps({"config": cfg.__dict__, "hardware": hw.name, "devices": devices,
                                              "options": [p.to_dict() for p in options],

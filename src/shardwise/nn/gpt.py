@@ -50,9 +50,19 @@ class GPT(nn.Module):
                                             init_std=0.02, device=device, dtype=dtype)  # fmt: skip
         self.blocks = nn.ModuleList(
             ParallelTransformerBlock(
-                config.hidden, config.num_heads, config.ffn_hidden, config.num_kv_heads,
-                activation=config.activation, norm=config.norm, bias=config.bias, rope=True,
-                dropout=config.dropout, sequence_parallel=sp, mesh=self.mesh, device=device, dtype=dtype,
+                config.hidden,
+                config.num_heads,
+                config.ffn_hidden,
+                config.num_kv_heads,
+                activation=config.activation,
+                norm=config.norm,
+                bias=config.bias,
+                rope=True,
+                dropout=config.dropout,
+                sequence_parallel=sp,
+                mesh=self.mesh,
+                device=device,
+                dtype=dtype,
             )  # fmt: skip
             for _ in range(config.num_layers)
         )
