@@ -9,7 +9,7 @@ command line lives in shardwise.commands and is never imported from here.
 import sys as _sys
 
 from . import comm
-from .checkpoint import consolidate, load_sharded, reshard, save_sharded
+from .checkpoint import CheckpointError, consolidate, load_sharded, reshard, save_sharded
 from .convert import (
     Colwise,
     FusedQKV,
@@ -43,6 +43,7 @@ _sys.modules[__name__ + ".plans"] = plans
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
     "ColumnParallelLinear",
     "Colwise",
     "FusedQKV",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers and CI
@@ -12,17 +12,17 @@ def _pyplot():
     return plt
 
 
-def _finish(fig, ax, path: str, title: str) -> str:
+def finish(fig, ax, path: str, title: str) -> str:
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
 def steps_chart(steps: list[dict], path: str, title: str) -> str:
     """Per step: compute and collective time stacked, R = comm/compute on a second axis."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 4))
     xs = [s["step"] for s in steps]
     compute = [s["compute_ms"] for s in steps]
@@ -36,12 +36,12 @@ def steps_chart(steps: list[dict], path: str, title: str) -> str:
     ratio.set_ylabel("R")
     handles = ax.get_legend_handles_labels()[0] + ratio.get_legend_handles_labels()[0]
     ax.legend(handles, [h.get_label() for h in handles], loc="upper right")
-    return _finish(fig, ax, path, title)
+    return finish(fig, ax, path, title)
 
 
 def layers_chart(layers: list[dict], path: str, title: str) -> str:
     """Per layer: compute and collective ms per step, side by side."""
-    plt = _pyplot()
+    plt = pyplot()
     names = [r["layer"] for r in layers]
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(names) + 1.5))
     ys = range(len(names))
@@ -51,12 +51,12 @@ def layers_chart(layers: list[dict], path: str, title: str) -> str:
     ax.invert_yaxis()
     ax.set_xlabel("ms per step")
     ax.legend()
-    return _finish(fig, ax, path, title)
+    return finish(fig, ax, path, title)
 
 
 def ratio_vs_tp_chart(rows: list[dict], path: str, title: str) -> str:
     """R(m) against m: measured and predicted. rows: {"tp", "R_measured", "R_predicted"}."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     tps = [r["tp"] for r in rows]
     ax.plot(tps, [r["R_measured"] for r in rows], "o-", label="measured")
@@ -66,12 +66,12 @@ def ratio_vs_tp_chart(rows: list[dict], path: str, title: str) -> str:
     ax.set_ylabel("R(m) = T_comm / T_comp")
     ax.set_xticks(tps)
     ax.legend()
-    return _finish(fig, ax, path, title)
+    return finish(fig, ax, path, title)
 
 
 def overlap_chart(comparison: dict, path: str, title: str) -> str:
     """Step time and exposed collective time, overlap off vs on (medians)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     modes = ["overlap_off", "overlap_on"]
     xs = range(len(modes))
@@ -81,4 +81,4 @@ def overlap_chart(comparison: dict, path: str, title: str) -> str:
     ax.set_xticks(list(xs), ["overlap off", "overlap on"])
     ax.set_ylabel("ms (median)")
     ax.legend()
-    return _finish(fig, ax, path, title)
+    return finish(fig, ax, path, title)

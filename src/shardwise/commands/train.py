@@ -338,9 +338,9 @@ def main(cfg: TrainConfig) -> int:
 
 
 def loss_curve(losses: list[float], evals: list, baseline: float, path: str) -> str:
-    from .plots import _finish, _pyplot
+    from .plots import finish, pyplot
 
-    fig, ax = _pyplot().subplots(figsize=(8, 4))
+    fig, ax = pyplot().subplots(figsize=(8, 4))
     ax.plot(range(1, len(losses) + 1), losses, linewidth=0.8, label="train loss")
     if evals:
         ax.plot([s for s, _ in evals], [v for _, v in evals], "o-", label="eval loss")
@@ -348,4 +348,4 @@ def loss_curve(losses: list[float], evals: list, baseline: float, path: str) -> 
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats per byte)")
     ax.legend()
-    return _finish(fig, ax, path, "shardwise train")
+    return finish(fig, ax, path, "shardwise train")
