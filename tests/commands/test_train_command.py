@@ -125,6 +125,12 @@ def test_legacy_checkpoint_parts_of_different_steps_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"mixes steps \(model/ at step 20, adam/ at step 10, rng/rank-00000\.pt at "
                        r"step 10\): a save was killed between its parts"):  # fmt: skip
         load_checkpoint(tmp_path, model, opt, mesh)
+    # Another rank's RNG file behind: this rank must refuse too (all ranks read all parts), not go on alone.
+    save_sharded(model, tmp_path / "adam", mesh, extra={"step": 20})
+    torch.save({"step": 20, "cpu": torch.get_rng_state()}, tmp_path / "rng" / "rank-00000.pt")
+    torch.save({"step": 10, "cpu": torch.get_rng_state()}, tmp_path / "rng" / "rank-00001.pt")
+    with pytest.raises(ValueError, match=r"rng/rank-00000\.pt at step 20, rng/rank-00001\.pt at step 10\)"):
+        load_checkpoint(tmp_path, model, opt, mesh)
 
 
 def mismatched_model(hidden_on_rank_1):

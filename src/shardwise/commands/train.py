@@ -215,10 +215,11 @@ def _load_legacy(directory: Path, model, opt, mesh) -> dict:
     A kill between those saves left parts of different steps; such a checkpoint is refused, naming them."""
     state = read_index(directory / "model")["extra"]
     steps = {"model/": state["step"], "adam/": read_index(directory / "adam")["extra"]["step"]}
-    rng = directory / "rng" / f"rank-{_rank()[0]:05d}.pt"
-    saved_rng = torch.load(rng, weights_only=True) if rng.exists() else None
-    if saved_rng is not None:
-        steps[f"rng/{rng.name}"] = saved_rng["step"]
+    # Every rank reads every rank's RNG file, so all ranks see the same parts and all refuse alike (a rank
+    # refusing alone would leave the others waiting in load_sharded's collectives).
+    rngs = {path.name: torch.load(path, weights_only=True) for path in sorted((directory / "rng").glob("rank-*.pt"))}
+    steps |= {f"rng/{name}": saved["step"] for name, saved in rngs.items()}
+    saved_rng = rngs.get(f"rank-{_rank()[0]:05d}.pt")
     if len(set(steps.values())) > 1:
         parts = ", ".join(f"{part} at step {step}" for part, step in steps.items())
         raise ValueError(
