@@ -45,7 +45,7 @@ PLACEMENTS = ("tp-inner", "dp-inner")
 
 
 def parse_layout(text: str) -> dict:
-    """"tp:dp[:placement[:sp]]" -> {"tp", "dp", "placement", "sequence_parallel"}; sp is 0/1."""
+    """ "tp:dp[:placement[:sp]]" -> {"tp", "dp", "placement", "sequence_parallel"}; sp is 0/1."""
     parts = text.split(":")
     if not 2 <= len(parts) <= 4:
         raise ValueError(f"layout {text!r}: use tp:dp[:placement[:sp]], e.g. 2:1:tp-inner:0")
