@@ -1,28 +1,59 @@
-"""`shardwise calibrate`: measure this machine's fabric and matmul speed, write the JSON the planner reads."""
+"""`shardwise calibrate`: measure this machine (or this torchrun job's nodes), write calibration v2 JSON.
+
+Locally it launches --ranks gloo processes (one box = one node unless --procs-per-node splits it); started by
+torchrun (WORLD_SIZE set, e.g. inside `shardwise lab run`) it measures the job's own ranks in place.
+"""
 
 from __future__ import annotations
 
-import datetime
 import json
-import platform
+import os
 from pathlib import Path
 
 import shardwise
 
-from ..planner.calibration import calibrate_rank
+from ..planner.calibration import calibrate_here
 
 
-def main(tp: int, out: str, max_bytes: int = 64 * 2**20, hidden: int = 1024, tokens: int = 512) -> dict:
-    result = shardwise.launch(calibrate_rank, tp, tp, max_bytes, hidden, tokens)[0]
-    result |= {"host": platform.node(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-               "backend": "gloo", "threads_per_rank": 1, "devices_per_node": tp}  # fmt: skip
+def _under_torchrun() -> bool:
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def report(cal: dict) -> str:
+    lines = [f"shardwise calibrate: {cal['world']} gloo ranks = {cal['nodes']} node(s) x {cal['procs_per_node']} on "
+             f"{cal['host']}, link rate {cal['link_rate'] or 'not shaped by the lab'}"]  # fmt: skip
+    lines.append(f"{'class':<6} {'op':<15} {'group':>5} {'x groups':>8} {'alpha (us)':>11} {'GB/s':>7} "
+                 f"{'fit err med':>11}")  # fmt: skip
+    for link, ops in cal["collectives"].items():
+        for op, by_size in ops.items():
+            for g, f in by_size.items():
+                lines.append(f"{link:<6} {op:<15} {g:>5} {f['concurrent_groups']:>8} {f['alpha_s'] * 1e6:>11.1f} "
+                             f"{1e-9 / f['beta_s_per_byte']:>7.2f} {f['median_rel_error']:>11.1%}")  # fmt: skip
+    rates = [2 * p["m"] * p["k"] * p["n"] / p["fwd_s"] / 1e9 for p in cal["gemm"]["points"]]
+    lines.append(f"GEMM forward: {min(rates):.1f}..{max(rates):.1f} GFLOP/s per rank over {len(rates)} shapes "
+                 f"({cal['gemm']['concurrent_ranks']} ranks at once; slowest rank / median "
+                 f"{cal['gemm']['rank_imbalance']:.2f})")  # fmt: skip
+    op_us, node_us = cal["op_overhead_s"] * 1e6, cal["autograd_node_s"] * 1e6
+    lines.append(f"memory bandwidth (element-wise): {cal['memory_bandwidth_Bps'] / 1e9:.2f} GB/s per rank; "
+                 f"op overhead {op_us:.2f} us, autograd node {node_us:.1f} us")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(ranks: int, out: str, max_bytes: int = 64 * 2**20, quick: bool = False, procs_per_node: int | None = None,
+         gemm_shapes=None) -> dict | None:  # fmt: skip
+    """Run the calibration (launching `ranks` local ranks, or in place under torchrun), write `out` from rank 0
+    and return the dict there (None on the other ranks)."""
+    if _under_torchrun():
+        cal = calibrate_here(None, quick, max_bytes, gemm_shapes, procs_per_node)
+    else:
+        if ranks < 1:
+            raise ValueError(f"--ranks must be >= 1, got {ranks}")
+        cal = shardwise.launch(calibrate_here, ranks, None, quick, max_bytes, gemm_shapes, procs_per_node,
+                               timeout_s=3600)[0]  # fmt: skip
+    if cal is None:
+        return None
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(result, indent=1))
-    print(f"shardwise calibrate: tp={tp} gloo ranks on {result['host']}")
-    print(f"{'op':<16} {'alpha (us)':>11} {'beta (GB/s)':>12} {'fit err med':>12} {'fit err max':>12}")
-    for op, f in result["fits"].items():
-        print(f"{op:<16} {f['alpha_s'] * 1e6:>11.1f} {f['bandwidth_GBps']:>12.2f} {f['median_rel_error']:>12.1%} "
-              f"{f['max_rel_error']:>12.1%}")  # fmt: skip
-    print(f"matmul: {result['matmul_flops'] / 1e9:.1f} GFLOP/s per rank at h={hidden}, {tokens} tokens")
+    Path(out).write_text(json.dumps(cal, indent=1))
+    print(report(cal))
     print(f"written: {out}  (use: shardwise plan --calibration {out})")
-    return result
+    return cal

@@ -81,14 +81,19 @@ def _model_parsers(sub) -> None:
 def _measure_parsers(sub) -> None:
     c = sub.add_parser(
         "calibrate",
-        help="measure all-reduce/all-gather/reduce-scatter (4 B..64 MiB) and matmul speed; fit alpha + beta*bytes",
+        help="measure collectives per link class and group size, GEMM shapes, memory bandwidth, op overhead (JSON v2)",
+        description="All ranks busy at once, as in training. Locally: launches --ranks gloo ranks (one node, or "
+        "--procs-per-node ranks per emulated node). Under torchrun (e.g. `shardwise lab run ... -- python -m "
+        "shardwise calibrate --out F`): measures the job's own ranks and nodes in place.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    c.add_argument("--tp", type=int, default=2, help="ranks to measure on (local gloo processes)")
+    c.add_argument("--ranks", "--tp", dest="ranks", type=int, default=2,
+                   help="local gloo ranks to launch (ignored under torchrun)")  # fmt: skip
     c.add_argument("--out", default=None, help="JSON file to write (default: ~/.cache/shardwise/calibration.json)")
-    c.add_argument("--max-mib", type=int, default=64, help="largest message size, MiB")
-    c.add_argument("--hidden", type=int, default=1024, help="hidden size of the matmul shapes measured")
-    c.add_argument("--tokens", type=int, default=512, help="tokens of the matmul shapes measured")
+    c.add_argument("--max-mib", type=float, default=64, help="largest collective message (full tensor), MiB")
+    c.add_argument("--quick", action="store_true", help="few sizes (<= 1 MiB), few calls, a 2x2x2 GEMM grid")
+    c.add_argument("--procs-per-node", type=int, default=None,
+                   help="ranks per node (default: LOCAL_WORLD_SIZE; locally all ranks are one node)")  # fmt: skip
 
     b = sub.add_parser(
         "bench",
@@ -172,7 +177,12 @@ def main(argv: list[str] | None = None) -> int:
         from .registry import default_cache_dir
 
         out = args.out or str(default_cache_dir() / "calibration.json")
-        calibrate_main(args.tp, out, args.max_mib * 2**20, args.hidden, args.tokens)
+        if args.ranks < 1 or args.max_mib <= 0:
+            parser.error(f"--ranks must be >= 1 and --max-mib > 0, got {args.ranks} and {args.max_mib}")
+        try:
+            calibrate_main(args.ranks, out, int(args.max_mib * 2**20), args.quick, args.procs_per_node)
+        except ValueError as exc:
+            parser.error(str(exc))
         return 0
     if args.command == "bench":
         from .bench import main as bench_main

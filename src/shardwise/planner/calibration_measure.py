@@ -1,0 +1,154 @@
+"""The measurements behind calibration v2, each run by every rank at once (as in training).
+
+Collectives are timed the way a training step issues them: the input is produced by compute just before
+(a fresh tensor from an element-wise op, as a layer's matmul output is), the output is allocated fresh per
+call, and there is NO barrier before each call; a call's time is the max over its group's ranks (a
+collective ends for the step when its slowest rank leaves). A barrier before every call (v1) hides the
+arrival skew between ranks and keeps the buffer hot; see calibrate_here's docstring for what that changes.
+Every timestamp is time.perf_counter() (CLOCK_MONOTONIC: one clock for every process of one machine), so
+rank 0 can also tell the part after the last rank arrived and check that groups ran at the same time.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+OPS = ("all_reduce", "all_gather", "reduce_scatter")
+
+
+def _issue(op: str, src: torch.Tensor, g: int, group) -> None:
+    """One collective on a full tensor of src.numel() * g (all_gather) or src.numel() (the others) elements."""
+    if op == "all_reduce":
+        dist.all_reduce(src, group=group)
+    elif op == "all_gather":
+        dist.all_gather_single(torch.empty(src.numel() * g), src, group=group)
+    else:
+        dist.reduce_scatter_single(torch.empty(src.numel() // g), src, group=group)
+
+
+def sweep(op: str, sizes: list[int], reps: list[int], g: int, group) -> list[list[tuple[float, float]]]:
+    """This rank's (start, end) of every timed call, per size. sizes: full-tensor bytes (fp32, rounded to a
+    multiple of 4*g by the caller). All ranks of the world call this at once, each with its own group; a world
+    barrier before each size (not each call) keeps the concurrent groups in step."""
+    out = []
+    for nbytes, n in zip(sizes, reps, strict=True):
+        numel = nbytes // 4
+        local = numel // g if op == "all_gather" else numel
+        base = torch.randn(local)
+        dist.barrier()
+        _issue(op, base.mul(1.0), g, group)  # warm-up: connections, allocator
+        calls = []
+        for _ in range(n):
+            src = base.mul(1.0)  # produced by compute just before, a fresh tensor, as in a layer
+            start = time.perf_counter()
+            _issue(op, src, g, group)
+            calls.append((start, time.perf_counter()))
+        out.append(calls)
+    return out
+
+
+def summarize(per_rank: list, groups, sizes: list[int]) -> dict:
+    """From every rank's sweep: per size, the median over calls of the max over the group's ranks (then the
+    median over the concurrent groups); the part after the last arrival; each group's measuring window."""
+    points, after_last, windows = [], [], []
+    for grp in groups:
+        calls = [per_rank[r] for r in grp]
+        windows.append([min(c[0][0][0] for c in calls), max(c[-1][-1][1] for c in calls)])
+    for i, nbytes in enumerate(sizes):
+        per_group, tail = [], []
+        for grp in groups:
+            rows = list(zip(*(per_rank[r][i] for r in grp), strict=True))  # per call: one (start, end) per rank
+            per_group.append(statistics.median(max(e - s for s, e in row) for row in rows))
+            tail.append(statistics.median(min(e for _, e in row) - max(s for s, _ in row) for row in rows))
+        points.append([nbytes, statistics.median(per_group)])
+        after_last.append([nbytes, max(statistics.median(tail), 0.0)])
+    return {"points": points, "after_last_arrival": after_last, "windows": windows}
+
+
+def _grid_reps(flops: float, quick: bool) -> int:
+    if quick:
+        return 2
+    return max(1, min(5, int(0.2 / (flops / 5e9))))  # ~0.2 s per point at 5 GFLOP/s; big shapes: 1 call
+
+
+def gemm_grid(shapes: list[tuple[int, int, int]], quick: bool) -> list[tuple[float, float]]:
+    """This rank's median (fwd_s, bwd_s) of F.linear(x[m, k], w[n, k]) and its backward (input grad and
+    weight grad, fresh .grad each time as after zero_grad(set_to_none=True)), per shape. All ranks start each
+    shape together (barrier) and compute concurrently, so oversubscribed cores are in the numbers."""
+    out = []
+    for m, k, n in shapes:
+        x = torch.randn(m, k, requires_grad=True)
+        w = torch.randn(n, k, requires_grad=True)
+        gy = torch.randn(m, n)
+        reps = _grid_reps(6.0 * m * k * n, quick)
+        dist.barrier()
+        fwd, bwd = [], []
+        for i in range(reps + 1):
+            x.grad = w.grad = None
+            t0 = time.perf_counter()
+            y = F.linear(x, w)
+            t1 = time.perf_counter()
+            y.backward(gy)
+            t2 = time.perf_counter()
+            if i:  # the first call is warm-up
+                fwd.append(t1 - t0)
+                bwd.append(t2 - t1)
+        out.append((statistics.median(fwd), statistics.median(bwd)))
+    return out
+
+
+def memory_ops(quick: bool, numel: int = 2**20) -> dict[str, float]:
+    """Bytes moved per second by element-wise work on 4 MiB fp32 tensors (fresh outputs, read + write bytes),
+    this rank, all ranks at once."""
+    a, b = torch.randn(numel), torch.randn(numel)
+    rows = a.view(-1, 1024)
+    ops = {
+        "add": (lambda: a + b, 12),
+        "mul": (lambda: a * 2.0, 8),
+        "gelu": (lambda: F.gelu(a), 8),
+        "layer_norm": (lambda: F.layer_norm(rows, (1024,)), 8),
+        "softmax": (lambda: torch.softmax(rows, dim=-1), 8),
+    }
+    reps = 3 if quick else 15
+    dist.barrier()
+    out = {}
+    for name, (fn, bytes_per_elem) in ops.items():
+        fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        out[name] = bytes_per_elem * numel / statistics.median(times)
+    return out
+
+
+def op_overheads(quick: bool) -> tuple[float, float]:
+    """(seconds per tiny torch op, seconds per tiny autograd node forward + backward), this rank, all at once."""
+    tiny = torch.ones(1)
+    n = 200 if quick else 2000
+    dist.barrier()
+    samples = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            torch.add(tiny, tiny)
+        samples.append((time.perf_counter() - t0) / n)
+    op_s = min(samples)  # the fixed cost: the least-disturbed block
+    chain = 8
+    x = torch.ones(1, requires_grad=True)
+    samples = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(n // chain):
+            y = x
+            for _ in range(chain):
+                y = y * 1.0
+            y.backward()
+        samples.append((time.perf_counter() - t0) / (n // chain * chain))
+    return op_s, min(samples)
