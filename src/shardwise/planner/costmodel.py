@@ -1,157 +1,40 @@
-"""Predict what tensor parallelism costs: per-layer compute and communication time, R(m) = T_comm / T_comp,
-memory per rank, and the step time of each TP degree, for a transformer config on given hardware.
+"""Predict what a training layout costs: per-layer compute and communication time, R(m) = T_comm / T_comp,
+memory per rank and the step time, for a transformer config on given hardware, and rank the layouts.
 
-Communication follows the ring algorithms NCCL and gloo use: for a group of m ranks and a full tensor of
-n bytes, an all-reduce moves 2(m-1)/m * n bytes through each link in 2(m-1) steps, an all-gather or
-reduce-scatter (m-1)/m * n bytes in m-1 steps, so T = steps * latency + factor * n / bandwidth.
-Hardware comes from published figures (HARDWARE) or from `shardwise calibrate` on your own machine,
-whose fitted T = alpha + beta * bytes per op is turned back into a link latency and bandwidth.
+The step, as shardwise runs it (every piece from workload.py's op lists, timed by hardware.py, scheduled by
+schedule.py):
+    micro-batches x [layers x (forward + backward [+ recomputation]) + embedding/head/loss], each with its TP
+    collectives on the link class the tp group crosses (topology.py), minus what overlap hides
+  + the dp gradient all-reduce (DDP, bucketed, behind the last micro-batch's backward) that is not hidden
+  + the optimizer step (Adam at memory bandwidth; ZeRO: 1/dp of it, then an all-gather of the parameters).
+Hardware: GPU profiles from spec sheets (profiles.HARDWARE) or `shardwise calibrate` (profiles.from_calibration).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 
-OPS = ("all_reduce", "all_gather", "reduce_scatter")
+from .hardware import OPS, GroupSpan, Hardware, Link, link_from_fit, measured_hardware, ring_steps
+from .profiles import HARDWARE, from_calibration
+from .schedule import ddp_sync, optimizer_time, phase_times
+from .topology import PLACEMENTS, span
+from .workload import (
+    PRESETS,
+    ModelConfig,
+    activation_bytes_per_layer,
+    block_config,
+    edge_ops,
+    gpt_config,
+    heads_feasible,
+    layer_flops,
+    layer_ops,
+    local_sizes,
+    param_tensors_per_rank,
+    params_per_rank,
+)
 
-
-def ring_steps(op: str, m: int) -> tuple[int, float]:
-    """(latency steps, fraction of the full tensor crossing each link) of a ring collective over m ranks."""
-    if m <= 1:
-        return 0, 0.0
-    if op == "all_reduce":
-        return 2 * (m - 1), 2 * (m - 1) / m
-    return m - 1, (m - 1) / m
-
-
-@dataclass(frozen=True)
-class Link:
-    latency_s: float  # per ring step
-    bandwidth: float  # bytes/s through one link, one direction
-
-    def time(self, op: str, nbytes: float, m: int) -> float:
-        steps, fraction = ring_steps(op, m)
-        return steps * self.latency_s + fraction * nbytes / self.bandwidth
-
-
-@dataclass(frozen=True)
-class Hardware:
-    name: str
-    flops: float  # achievable dense matmul FLOP/s per device at the training dtype
-    memory: float  # bytes per device
-    devices_per_node: int
-    intra: Link  # inside a node
-    inter: Link  # between nodes
-    note: str = ""
-    links: dict = field(default_factory=dict, compare=False)  # op -> Link, from a calibration
-
-    def link(self, op: str, ranks_span_nodes: bool) -> Link:
-        if ranks_span_nodes:
-            return self.inter
-        return self.links.get(op, self.intra)
-
-
-GB = 1e9
-# Published peak figures; "achievable" matmul throughput taken as ~60% of the dense bf16 peak, a
-# typical large-GEMM efficiency. Latencies are NCCL's small-message ring step, order of magnitude.
-HARDWARE = {
-    "h100-nvlink": Hardware("h100-nvlink", 0.6 * 989e12, 80 * 2**30, 8, Link(5e-6, 450 * GB), Link(10e-6, 50 * GB),
-                            "H100 SXM, NVLink 4 (450 GB/s per direction), 400 Gb/s InfiniBand between nodes"),
-    "h100-nvlink-100g": Hardware("h100-nvlink-100g", 0.6 * 989e12, 80 * 2**30, 8, Link(5e-6, 450 * GB),
-                                 Link(15e-6, 12.5 * GB), "H100 SXM, NVLink 4, 100 Gb/s Ethernet between nodes"),
-    "a100-nvlink": Hardware("a100-nvlink", 0.6 * 312e12, 80 * 2**30, 8, Link(6e-6, 300 * GB), Link(12e-6, 25 * GB),
-                            "A100 SXM, NVLink 3 (300 GB/s per direction), 200 Gb/s InfiniBand between nodes"),
-    "a100-pcie": Hardware("a100-pcie", 0.6 * 312e12, 80 * 2**30, 8, Link(10e-6, 25 * GB), Link(15e-6, 12.5 * GB),
-                          "A100 PCIe 4.0 x16 (~25 GB/s per direction) inside a node, 100 Gb/s between nodes"),
-}  # fmt: skip
-
-
-def link_from_fit(op: str, fit: dict, m: int) -> Link:
-    """Turn T = alpha + beta * bytes, measured for `op` over m ranks, into the ring's per-step latency
-    and per-link bandwidth, so the same link predicts other group sizes."""
-    steps, fraction = ring_steps(op, m)
-    return Link(fit["alpha_s"] / max(steps, 1), fraction / fit["beta_s_per_byte"])
-
-
-def measured_hardware(fit: dict, flops: float, m: int, op: str = "all_reduce") -> Hardware:
-    """A one-node Hardware from one op's measured fit and a measured matmul FLOP/s."""
-    link = link_from_fit(op, fit, m)
-    return Hardware("measured", flops, 2**40, m, link, link, links={op: link})
-
-
-def from_calibration(path: str) -> Hardware:
-    """Hardware measured here by `shardwise calibrate`: one link per op (fitted at the calibrated group
-    size), the matmul FLOP/s measured at the layer shapes, one node."""
-    with open(path) as f:
-        cal = json.load(f)
-    m = cal["tp"]
-    links = {op: link_from_fit(op, fit, m) for op, fit in cal["fits"].items()}
-    flops = cal["matmul_flops"]
-    any_link = links.get("all_reduce", next(iter(links.values())))
-    return Hardware(f"calibrated:{cal.get('host', 'here')}", flops, cal.get("memory_bytes", 16 * 2**30),
-                    cal.get("devices_per_node", m), any_link, any_link, f"calibrated {cal.get('date', '')}",
-                    links)  # fmt: skip
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    hidden: int
-    ffn: int
-    heads: int
-    kv_heads: int
-    layers: int
-    vocab: int
-    seq: int
-    micro_batch: int = 1
-    dtype_bytes: int = 2  # bf16 activations and weights
-    swiglu: bool = True
-    flash_attention: bool = True  # attention scores not kept for backward
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
-
-    @property
-    def params_per_layer(self) -> int:
-        h, d = self.hidden, self.head_dim
-        attn = h * (self.heads * d) * 2 + h * (self.kv_heads * d) * 2
-        mlp = h * self.ffn * (3 if self.swiglu else 2)
-        return attn + mlp + 2 * h  # + norms
-
-    @property
-    def params(self) -> int:
-        return self.layers * self.params_per_layer + self.vocab * self.hidden * 2 + self.hidden
-
-    @staticmethod
-    def from_dict(d: dict) -> ModelConfig:
-        known = {f for f in ModelConfig.__dataclass_fields__}
-        return ModelConfig(**{k: v for k, v in d.items() if k in known})
-
-
-PRESETS = {
-    "llama-7b": ModelConfig(hidden=4096, ffn=11008, heads=32, kv_heads=32, layers=32, vocab=32000, seq=4096),
-    "llama3-8b": ModelConfig(hidden=4096, ffn=14336, heads=32, kv_heads=8, layers=32, vocab=128256, seq=8192),
-    "llama-13b": ModelConfig(hidden=5120, ffn=13824, heads=40, kv_heads=40, layers=40, vocab=32000, seq=4096),
-    "llama-70b": ModelConfig(hidden=8192, ffn=28672, heads=64, kv_heads=8, layers=80, vocab=32000, seq=4096),
-    "smollm2-135m": ModelConfig(hidden=576, ffn=1536, heads=9, kv_heads=3, layers=30, vocab=49152, seq=2048),
-}
-
-
-def block_config(hidden: int, heads: int, seq: int, batch: int) -> ModelConfig:
-    """The GPT block of the scaling benchmark: GELU MLP of 4h, MHA, fp32, scores kept (plain SDPA)."""
-    return ModelConfig(hidden=hidden, ffn=4 * hidden, heads=heads, kv_heads=heads, layers=1, vocab=1, seq=seq,
-                       micro_batch=batch, dtype_bytes=4, swiglu=False, flash_attention=False)  # fmt: skip
-
-
-def layer_flops(cfg: ModelConfig) -> float:
-    """Forward FLOPs of one transformer layer for one micro-batch (2 per multiply-add)."""
-    tokens, h, d = cfg.micro_batch * cfg.seq, cfg.hidden, cfg.head_dim
-    projections = 2 * tokens * h * (2 * cfg.heads * d + 2 * cfg.kv_heads * d)
-    attention = 2 * 2 * tokens * cfg.seq * cfg.heads * d  # QK^T and AV over the full sequence
-    mlp = 2 * tokens * h * cfg.ffn * (3 if cfg.swiglu else 2)
-    return projections + attention + mlp
+RECOMPUTE = ("none", "selective", "full")
 
 
 @dataclass
@@ -159,104 +42,169 @@ class Prediction:
     tp: int
     dp: int
     sequence_parallel: bool
-    compute_s: float  # one layer, forward + backward, one micro-batch
-    comm_s: float  # one layer, forward + backward, one micro-batch (not overlapped)
-    R: float
-    step_s: float  # the whole step for the global batch, including the dp gradient all-reduce
-    dp_comm_s: float
+    compute_s: float  # one layer, forward + backward (+ recomputation), one micro-batch
+    comm_s: float  # one layer, forward + backward (+ recomputation), one micro-batch: all TP collectives
+    R: float  # comm_s / compute_s
+    step_s: float  # the whole step for the global batch, including the dp gradient all-reduce and optimizer
+    dp_comm_s: float  # the dp gradient all-reduce, all buckets back to back (not overlapped)
     memory: dict
     fits: bool
     tp_spans_nodes: bool
     tokens_per_s: float
     micro_steps: int
+    layers: list = field(default_factory=list)  # [{"name", "compute_s", "comm_s", "R"}] per micro-batch
+    exposed_comm_s: float = 0.0  # one layer, one micro-batch: the part of comm_s overlap cannot hide
+    optimizer_s: float = 0.0
+    dp_exposed_s: float = 0.0  # what the dp all-reduce adds to the step (waiting + CPU stretch)
+    placement: str = "tp-inner"
+    recompute: str = "none"
+    overlap: bool = False
+    zero: bool = False
+    breakdown: dict = field(default_factory=dict)  # step_s split into its parts (they sum to step_s)
+    tp_link: str = "none"  # link class the tp group crosses: none | intra | inter | mixed
+    dp_link: str = "none"
+    dp_hidden_fraction: float = 1.0  # share of dp_comm_s hidden behind the backward
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def activation_bytes_per_layer(cfg: ModelConfig, tp: int, sequence_parallel: bool) -> float:
-    """Bytes kept for backward by one layer (Korthikanti et al. 2022, 16-bit activations):
-    s*b*h*(10 + 24/t) without sequence parallelism, s*b*h*34/t with it, plus 5*a*s^2*b/t for the
-    attention scores unless flash attention recomputes them."""
-    sbh = cfg.seq * cfg.micro_batch * cfg.hidden * cfg.dtype_bytes / 2
-    base = sbh * (34 / tp if sequence_parallel else 10 + 24 / tp)
-    scores = 0 if cfg.flash_attention else 5 * cfg.heads * cfg.seq**2 * cfg.micro_batch / tp
-    return base + scores
+def _validate(cfg: ModelConfig, tp: int, devices: int, placement: str, recompute: str, sp: bool) -> None:
+    if tp < 1 or devices % tp:
+        raise ValueError(f"tp={tp} does not divide devices={devices}: pick a divisor of the device count")
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+    if recompute not in RECOMPUTE:
+        raise ValueError(f"recompute must be one of {RECOMPUTE}, got {recompute!r}")
+    if sp and tp > 1 and cfg.seq % tp:
+        raise ValueError(f"sequence parallelism splits seq={cfg.seq} over tp={tp}: use a multiple of {tp}")
 
 
 def predict(cfg: ModelConfig, hw: Hardware, tp: int, devices: int | None = None, sequence_parallel: bool = False,
-            global_batch: int | None = None, optimizer_bytes_per_param: int = 12) -> Prediction:  # fmt: skip
-    """Predicted cost of training `cfg` with tensor parallelism `tp` (and dp = devices / tp)."""
+            global_batch: int | None = None, optimizer_bytes_per_param: float | None = None, *,
+            placement: str = "tp-inner", recompute: str = "none", overlap: bool = False, optimizer: str = "adam",
+            zero: bool = False, bucket_mb: float = 25, micro_batches: int | None = None) -> Prediction:  # fmt: skip
+    """Predicted cost of training `cfg` with tensor parallelism `tp` and dp = devices / tp. global_batch:
+    sequences per step (default devices * micro_batch, or micro_batches micro-batches per dp rank)."""
     devices = devices or tp
-    if devices % tp:
-        raise ValueError(f"tp={tp} does not divide devices={devices}")
+    _validate(cfg, tp, devices, placement, recompute, sequence_parallel)
+    if optimizer != "adam":
+        raise ValueError(f"optimizer must be 'adam' (the one modelled), got {optimizer!r}")
     dp = devices // tp
-    tp_spans_nodes = tp > hw.devices_per_node
-    dp_spans_nodes = devices > hw.devices_per_node
-    compute = 3 * layer_flops(cfg) / tp / hw.flops  # backward costs twice the forward
-    act = cfg.micro_batch * cfg.seq * cfg.hidden * cfg.dtype_bytes  # one [b, s, h] tensor, full size
-    if sequence_parallel:
-        comm = 4 * hw.link("all_gather", tp_spans_nodes).time("all_gather", act, tp)
-        comm += 4 * hw.link("reduce_scatter", tp_spans_nodes).time("reduce_scatter", act, tp)
-    else:
-        comm = 4 * hw.link("all_reduce", tp_spans_nodes).time("all_reduce", act, tp)
-    global_batch = global_batch or devices * cfg.micro_batch
+    sp = sequence_parallel and tp > 1
+    tp_span = span(tp, dp, placement, "tp", hw.devices_per_node)
+    dp_span = span(tp, dp, placement, "dp", hw.devices_per_node)
+    layer = phase_times(layer_ops(cfg, tp, sp), cfg, hw, tp_span, overlap)
+    edge = phase_times(edge_ops(cfg, tp, sp), cfg, hw, tp_span, overlap)
+
+    # recomputation runs in backward: full re-runs the layer's forward (with its collectives), selective the
+    # attention core (already what flash attention's backward does)
+    rec_compute = layer.fwd_compute if recompute == "full" else 0.0
+    if recompute == "selective" and not cfg.flash_attention:
+        rec_compute = layer.attn_core_fwd
+    rec_comm = layer.fwd_comm if recompute == "full" else 0.0
+    compute = layer.compute + rec_compute
+    comm = layer.comm + rec_comm
+    exposed = comm - layer.hidden
+    edge_exposed = edge.comm - edge.hidden
+    micro = cfg.layers * (compute + exposed) + edge.compute + edge_exposed
+
+    if micro_batches is not None:
+        global_batch = micro_batches * dp * cfg.micro_batch
+    global_batch = global_batch or devices * cfg.micro_batch  # fixed across layouts, as v1
     micro_steps = max(1, math.ceil(global_batch / (dp * cfg.micro_batch)))
-    # Embedding (fwd all-reduce) and output layer (bwd all-reduce) once per micro-batch; its compute.
-    edge_comm = 2 * hw.link("all_reduce", tp_spans_nodes).time("all_reduce", act, tp)
-    edge_compute = 3 * 2 * cfg.micro_batch * cfg.seq * cfg.hidden * cfg.vocab / tp / hw.flops
-    micro = cfg.layers * (compute + comm) + edge_comm + edge_compute
-    params_per_rank = cfg.params / tp
-    grad_bytes = params_per_rank * cfg.dtype_bytes
-    dp_comm = hw.link("all_reduce", dp_spans_nodes).time("all_reduce", grad_bytes, dp)
-    step = micro_steps * micro + dp_comm
+
+    # grads in backward order: head's norm, then each layer's, the tied embedding's last
+    P = params_per_rank(cfg, tp)
+    e = cfg.dtype_bytes
+    layer_bwd = layer.bwd_compute + rec_compute + layer.bwd_comm + rec_comm - layer.hidden
+    head_bwd = edge.bwd_compute + edge.bwd_comm - edge.hidden
+    backward = cfg.layers * layer_bwd + head_bwd
+    L = local_sizes(cfg, tp, sp)
+    per_layer = (P - L.vocab * cfg.hidden) / max(cfg.layers, 1)
+    ready = [(head_bwd / 2, (1 if cfg.rmsnorm else 2) * cfg.hidden * e)]
+    ready += [(head_bwd / 2 + (i + 1) * layer_bwd, per_layer * e) for i in range(cfg.layers)]
+    ready.append((backward, L.vocab * cfg.hidden * e))
+    sync = ddp_sync(hw, dp_span, ready, backward, bucket_mb)
+
+    shard = dp if zero else 1
+    opt_s = optimizer_time(hw, P / shard, param_tensors_per_rank(cfg), e)
+    zero_s = hw.collective("all_gather", P * e, dp_span) if zero and dp > 1 else 0.0
+    step = micro_steps * micro + sync.exposed_s + opt_s + zero_s
+
+    state = optimizer_bytes_per_param if optimizer_bytes_per_param is not None else 8 + (4 if e < 4 else 0)
     memory = {
-        "params": params_per_rank * cfg.dtype_bytes,
-        "grads": grad_bytes,
-        "optimizer": params_per_rank * optimizer_bytes_per_param,
-        "activations": cfg.layers * activation_bytes_per_layer(cfg, tp, sequence_parallel),
+        "params": P * e,
+        "grads": P * e,
+        "optimizer": P * state / shard,
+        "activations": cfg.layers * activation_bytes_per_layer(cfg, tp, sp, recompute),
+        "logits": 2 * L.tokens * L.vocab * 4 if cfg.vocab > 1 else 0.0,  # fp32 logits + the loss's softmax
+        "ddp_buckets": P * e if dp > 1 else 0.0,
     }
     memory["total"] = sum(memory.values())
+    layers = [{"name": f"blocks.{i}", "compute_s": compute, "comm_s": comm, "R": comm / compute if compute else 0.0}
+              for i in range(cfg.layers)]  # fmt: skip
+    layers.append({"name": "embed+head", "compute_s": edge.compute, "comm_s": edge.comm,
+                   "R": edge.comm / edge.compute if edge.compute else 0.0})  # fmt: skip
+    breakdown = {
+        "compute": micro_steps * (cfg.layers * compute + edge.compute),
+        "tp_comm_exposed": micro_steps * (cfg.layers * exposed + edge_exposed),
+        "dp_exposed": sync.exposed_s,
+        "optimizer": opt_s,
+        "zero_gather": zero_s,
+    }
     return Prediction(
-        tp=tp, dp=dp, sequence_parallel=sequence_parallel, compute_s=compute, comm_s=comm,
-        R=comm / compute if compute else math.inf, step_s=step, dp_comm_s=dp_comm, memory=memory,
-        fits=memory["total"] <= 0.9 * hw.memory, tp_spans_nodes=tp_spans_nodes,
-        tokens_per_s=global_batch * cfg.seq / step, micro_steps=micro_steps,
+        tp=tp, dp=dp, sequence_parallel=sp, compute_s=compute, comm_s=comm, R=comm / compute if compute else math.inf,
+        step_s=step, dp_comm_s=sync.comm_s, memory=memory, fits=memory["total"] <= 0.9 * hw.memory,
+        tp_spans_nodes=tp_span.klass in ("inter", "mixed"), tokens_per_s=global_batch * cfg.seq / step,
+        micro_steps=micro_steps, layers=layers, exposed_comm_s=exposed, optimizer_s=opt_s,
+        dp_exposed_s=sync.exposed_s, placement=placement, recompute=recompute, overlap=bool(overlap and tp > 1),
+        zero=bool(zero and dp > 1), breakdown=breakdown, tp_link=tp_span.klass, dp_link=dp_span.klass,
+        dp_hidden_fraction=sync.hidden_fraction,
     )  # fmt: skip
 
 
-def heads_feasible(cfg: ModelConfig, tp: int) -> tuple[bool, str]:
-    if tp > cfg.heads:
-        return False, f"tp={tp} > {cfg.heads} heads"
-    if cfg.heads % tp or cfg.kv_heads % tp and tp % cfg.kv_heads:
-        return True, "uneven heads (whole heads per rank; kv heads shared)"
-    return True, "even"
+def _choices(value, default: tuple) -> tuple:
+    return default if value is None else (value,)
 
 
 def plan(cfg: ModelConfig, hw: Hardware, devices: int, sequence_parallel: bool | None = None,
-         global_batch: int | None = None) -> list[Prediction]:  # fmt: skip
-    """Every TP degree dividing `devices` that splits the heads, best (shortest step) first; those
-    that do not fit in memory last. sequence_parallel=None tries both and keeps the better."""
+         global_batch: int | None = None, *, placement: str | None = None, recompute: str | None = None,
+         overlap: bool | None = None, zero: bool | None = None, bucket_mb: float = 25,
+         micro_batches: int | None = None) -> list[Prediction]:  # fmt: skip
+    """Every layout (tp dividing `devices` that splits the heads; placement, sequence parallelism, recomputation,
+    overlap where the hardware can overlap, ZeRO), best (shortest step) first, those that do not fit in memory
+    last. An option left None is tried both/all ways; a given one is fixed. Equal steps (to 6 digits) prefer the
+    simpler layout, then the smaller memory."""
     options = []
     for tp in (t for t in range(1, devices + 1) if devices % t == 0):
-        ok, _ = heads_feasible(cfg, tp)
-        if not ok:
+        if not heads_feasible(cfg, tp)[0]:
             continue
-        tries = (False, True) if sequence_parallel is None else (sequence_parallel,)
-        preds = [predict(cfg, hw, tp, devices, sp, global_batch) for sp in tries]
-        # Sequence parallelism moves the same bytes and saves activation memory: prefer it when it fits
-        # better or is no slower.
-        best = min(preds, key=lambda p: (not p.fits, round(p.step_s, 9), p.memory["total"]))
-        options.append(best)
-    return sorted(options, key=lambda p: (not p.fits, p.step_s))
+        dp = devices // tp
+        placements = _choices(placement, PLACEMENTS if tp > 1 and dp > 1 else ("tp-inner",))
+        sps = _choices(sequence_parallel, (False, True)) if tp > 1 and cfg.seq % tp == 0 else (False,)
+        overlaps = _choices(overlap, (False, True)) if tp > 1 and hw.can_overlap else (False,)
+        zeros = _choices(zero, (False, True)) if dp > 1 else (False,)
+        for pl in placements:
+            for sp in sps:
+                for rc in _choices(recompute, RECOMPUTE):
+                    for ov in overlaps:
+                        for z in zeros:
+                            options.append(predict(cfg, hw, tp, devices, sp, global_batch, placement=pl,
+                                                   recompute=rc, overlap=ov, zero=z, bucket_mb=bucket_mb,
+                                                   micro_batches=micro_batches))  # fmt: skip
+
+    def complexity(p: Prediction) -> int:
+        return RECOMPUTE.index(p.recompute) * 4 + p.zero * 2 + p.overlap + (p.placement != "tp-inner")
+
+    return sorted(options, key=lambda p: (not p.fits, float(f"{p.step_s:.6g}"), complexity(p), p.memory["total"]))
 
 
 def best_chunks(alpha_s: float, beta_s_per_byte: float, nbytes: float, compute_s: float, max_chunks: int = 16,
                 chunk_overhead_s: float = 0.0) -> int:  # fmt: skip
-    """Chunks k for overlapping a collective of `nbytes` with `compute_s` of matmul split alike:
-    the pipeline takes about max(T_comm(k), T_comp(k)) per chunk plus one exposed chunk, where each
-    chunk pays the latency alpha again and a smaller GEMM loses `chunk_overhead_s` (launch, lower
-    efficiency). Picks the k with the least predicted time."""
+    """Chunks k for overlapping a collective of `nbytes` with `compute_s` of matmul split alike: the pipeline
+    takes about max(T_comm(k), T_comp(k)) per chunk plus one exposed chunk, where each chunk pays the latency
+    alpha again and a smaller GEMM loses `chunk_overhead_s` (launch, lower efficiency). The k of least time."""
 
     def total(k: int) -> float:
         comm_chunk = alpha_s + beta_s_per_byte * nbytes / k
@@ -266,5 +214,7 @@ def best_chunks(alpha_s: float, beta_s_per_byte: float, nbytes: float, compute_s
     return min(range(1, max_chunks + 1), key=total)
 
 
-__all__ = ["HARDWARE", "PRESETS", "Hardware", "Link", "ModelConfig", "Prediction", "best_chunks",
-           "from_calibration", "plan", "predict"]  # fmt: skip
+__all__ = ["HARDWARE", "OPS", "PLACEMENTS", "PRESETS", "RECOMPUTE", "GroupSpan", "Hardware", "Link", "ModelConfig",
+           "Prediction", "activation_bytes_per_layer", "best_chunks", "block_config", "from_calibration",
+           "gpt_config", "heads_feasible", "layer_flops", "link_from_fit", "measured_hardware", "plan", "predict",
+           "ring_steps"]  # fmt: skip

@@ -1,0 +1,190 @@
+"""What a device and its fabric can do, for the cost model: GEMM time by shape, element-wise bandwidth, per-op
+overhead, and collective time on the link class a group of ranks actually crosses.
+
+Collectives follow the ring algorithms NCCL and gloo use: for a group of m ranks and a full tensor of n bytes,
+an all-reduce moves 2(m-1)/m * n bytes through each hop in 2(m-1) steps, an all-gather or reduce-scatter
+(m-1)/m * n bytes in m-1 steps, so T = steps * latency + fraction * n / bandwidth of the slowest hop.
+
+Link classes (see topology.py): "intra" (every rank of the group on one node), "inter" (one rank per node),
+"mixed" (a ring with both kinds of hop: its slowest hops are the inter ones). Inter hops share the node's
+link with every other concurrently running group crossing it (`flows`), so their bandwidth is the node link's
+divided by the flows it carries (beyond the NICs a node has).
+
+GPU GEMMs use a tiles/waves model derived from the hardware: the output [m, n] is cut into tile_m x tile_n
+tiles, the SMs run one tile each per wave, a wave costs one full tile's FLOPs at the per-SM peak (partial
+tiles and a partial last wave are paid in full), never faster than moving the operands at memory bandwidth,
+plus one kernel launch. A calibration instead interpolates the GEMM grid it measured.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+OPS = ("all_reduce", "all_gather", "reduce_scatter")
+
+
+def ring_steps(op: str, m: int) -> tuple[int, float]:
+    """(latency steps, fraction of the full tensor crossing each hop) of a ring collective over m ranks."""
+    if m <= 1:
+        return 0, 0.0
+    if op == "all_reduce":
+        return 2 * (m - 1), 2 * (m - 1) / m
+    return m - 1, (m - 1) / m
+
+
+@dataclass(frozen=True)
+class Link:
+    latency_s: float  # per ring step
+    bandwidth: float  # bytes/s through one hop, one direction
+
+    def time(self, op: str, nbytes: float, m: int) -> float:
+        steps, fraction = ring_steps(op, m)
+        return steps * self.latency_s + fraction * nbytes / self.bandwidth
+
+
+@dataclass(frozen=True)
+class GroupSpan:
+    """Where the ranks of one process group sit: size m, link class ('none' for m == 1, 'intra', 'inter',
+    'mixed'), and flows = the most ring hops leaving any one node at once, over all concurrent groups of
+    that kind (each shares that node's link)."""
+
+    size: int
+    klass: str
+    flows: int = 1
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """A device and its fabric. The first eight fields are v1's (positional order kept); the rest are v2's
+    and optional: without them GEMMs run at `flops` (backward twice the forward) and element-wise work is free,
+    as v1 assumed."""
+
+    name: str
+    flops: float  # dense matmul FLOP/s per device at the training dtype (GPU profiles: the spec-sheet peak)
+    memory: float  # bytes per device
+    devices_per_node: int
+    intra: Link  # inside a node
+    inter: Link  # between nodes, one flow at the node link's full rate
+    note: str = ""
+    links: dict = field(default_factory=dict, compare=False)  # v1: op -> Link (one-node calibration)
+    memory_bandwidth: float | None = None  # element-wise bytes (read + written) per second per device
+    op_overhead_s: float = 0.0  # fixed cost of one kernel launch / small torch op / autograd node
+    sms: int = 0  # streaming multiprocessors: > 0 turns on the tiles/waves GEMM model
+    tile: tuple[int, int] = (128, 128)  # output tile of one SM's GEMM work unit
+    gemm: Callable | None = field(default=None, compare=False, repr=False)  # (m, k, n, phase) -> s (calibration)
+    fits: dict = field(default_factory=dict, compare=False, repr=False)  # (class, op, m) -> alpha/beta fit
+    can_overlap: bool = True  # collectives on their own engine/stream beside compute (NCCL); False: gloo on CPU
+    comm_uses_compute_cores: bool = False  # a background all-reduce takes CPU time from compute (gloo on CPU)
+    node_link_flows: int = 1  # concurrent inter-node flows at full rate per node (NICs per node)
+    fused_optimizer: bool = False  # Adam as one fused kernel (GPU) vs torch's per-tensor loop (CPU)
+    intra_name: str = "intra-node link"
+    inter_name: str = "inter-node link"
+
+    # ---- v1 API -------------------------------------------------------------------------------------
+    def link(self, op: str, ranks_span_nodes: bool) -> Link:
+        if ranks_span_nodes:
+            return self.inter
+        return self.links.get(op, self.intra)
+
+    # ---- compute ------------------------------------------------------------------------------------
+    def gemm_time(self, m: int, k: int, n: int, phase: str = "fwd", batch: int = 1) -> float:
+        """Seconds for `batch` GEMMs [m, k] x [k, n]; phase 'bwd' = both backward GEMMs (dX and dW),
+        'dw' = the weight-gradient GEMM alone."""
+        if m <= 0 or k <= 0 or n <= 0 or batch <= 0:
+            return 0.0
+        if self.gemm is not None:
+            if phase == "dw":  # a calibration times dX + dW together: same FLOPs each
+                return 0.5 * batch * self.gemm(m, k, n, "bwd")
+            return batch * self.gemm(m, k, n, phase)
+        if self.sms:
+            if phase == "bwd":  # dX = dY W: [m, n] x [n, k]; dW = dY^T X: [n, m] x [m, k]
+                return self.gemm_time(m, n, k, "fwd", batch) + self.gemm_time(n, m, k, "fwd", batch)
+            if phase == "dw":
+                return self.gemm_time(n, m, k, "fwd", batch)
+            return batch * (tiled_gemm_s(self, m, k, n) + self.op_overhead_s)
+        passes = {"fwd": 1, "bwd": 2, "dw": 1}[phase]
+        return passes * batch * 2 * m * k * n / self.flops
+
+    def elementwise_time(self, nbytes: float, ops: float) -> float:
+        """Memory-bound work: `nbytes` read + written, `ops` kernels / autograd nodes."""
+        if self.memory_bandwidth is None:
+            return 0.0  # v1 hardware: element-wise work was not modelled
+        return nbytes / self.memory_bandwidth + ops * self.op_overhead_s
+
+    # ---- communication --------------------------------------------------------------------------------
+    def collective(self, op: str, nbytes: float, span: GroupSpan) -> float:
+        """Seconds for one `op` of a full tensor of `nbytes` over the group `span` (all concurrent groups of
+        its kind running the same op at once)."""
+        m = span.size
+        if m <= 1 or nbytes <= 0:
+            return 0.0
+        if span.klass == "intra":
+            fit = self.fits.get(("intra", op, m))
+            if fit is not None:
+                return fit["alpha_s"] + fit["beta_s_per_byte"] * nbytes
+            return self._ring_link("intra", op, m).time(op, nbytes, m)
+        fit = self.fits.get(("inter", op, m))
+        if span.klass == "inter" and fit is not None and fit.get("concurrent_groups", 1) == span.flows:
+            return fit["alpha_s"] + fit["beta_s_per_byte"] * nbytes  # measured exactly this situation
+        link = self._ring_link("inter", op, m)
+        share = min(1.0, self.node_link_flows / max(span.flows, 1))
+        steps, fraction = ring_steps(op, m)
+        return steps * link.latency_s + fraction * nbytes / (link.bandwidth * share)
+
+    def _ring_link(self, klass: str, op: str, m: int) -> Link:
+        """The per-step latency and per-flow bandwidth of `klass` (inter: one flow at the node link's full
+        rate), from the measured fit nearest in group size (same op preferred), else the profile's Link."""
+        if klass == "intra" and op in self.links:
+            return self.links[op]
+        candidates = [(key, f) for key, f in self.fits.items() if key[0] == klass]
+        if not candidates:
+            if klass == "intra" and not self.fits:
+                return self.intra
+            other = "inter" if klass == "intra" else "intra"
+            if klass == "intra" and any(key[0] == other for key in self.fits):
+                return self._ring_link(other, op, m)  # one rank per node: no intra measurement exists
+            return self.intra if klass == "intra" else self.inter
+        (_, fop, fm), f = min(candidates, key=lambda kv: (kv[0][1] != op, abs(math.log(kv[0][2] / m))))
+        link = link_from_fit(fop, f, fm)
+        if klass == "inter":  # the fit's flows shared the node link: scale back up to one flow
+            link = Link(link.latency_s, link.bandwidth * f.get("concurrent_groups", 1))
+        return link
+
+
+def tiled_gemm_s(hw: Hardware, m: int, k: int, n: int) -> float:
+    """Tiles/waves time of one GEMM [m, k] x [k, n] on a GPU (no launch): waves of `sms` output tiles, each
+    tile the full tile_m * tile_n * k multiply-adds at the per-SM peak; floored by moving A, B and C once at
+    memory bandwidth (2-byte operands, the training dtype of the GPU profiles)."""
+    tm, tn = hw.tile
+    tiles = math.ceil(m / tm) * math.ceil(n / tn)
+    waves = math.ceil(tiles / hw.sms)
+    compute = waves * 2 * tm * tn * k / (hw.flops / hw.sms)
+    traffic = 2 * (m * k + k * n + m * n) / hw.memory_bandwidth if hw.memory_bandwidth else 0.0
+    return max(compute, traffic)
+
+
+def tile_efficiency(hw: Hardware, m: int, n: int) -> float:
+    """Useful tiles / (waves * SMs), counting partial edge tiles by their useful fraction."""
+    tm, tn = hw.tile
+    tiles = math.ceil(m / tm) * math.ceil(n / tn)
+    return (m * n / (tm * tn)) / (math.ceil(tiles / hw.sms) * hw.sms)
+
+
+def link_from_fit(op: str, fit: dict, m: int) -> Link:
+    """Turn T = alpha + beta * bytes, measured for `op` over m ranks, into the ring's per-step latency and
+    per-hop bandwidth, so the same link predicts other group sizes."""
+    steps, fraction = ring_steps(op, m)
+    return Link(fit["alpha_s"] / max(steps, 1), fraction / fit["beta_s_per_byte"])
+
+
+def measured_hardware(fit: dict, flops: float, m: int, op: str = "all_reduce") -> Hardware:
+    """A one-node Hardware from one op's measured fit and a measured matmul FLOP/s (v1 calibration)."""
+    link = link_from_fit(op, fit, m)
+    return Hardware("measured", flops, 2**40, m, link, link, links={op: link}, can_overlap=False,
+                    comm_uses_compute_cores=True, intra_name="loopback", inter_name="loopback")  # fmt: skip
+
+
+__all__ = ["OPS", "GroupSpan", "Hardware", "Link", "link_from_fit", "measured_hardware", "ring_steps",
+           "tile_efficiency", "tiled_gemm_s"]  # fmt: skip

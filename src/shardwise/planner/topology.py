@@ -1,0 +1,52 @@
+"""Which link class each process group crosses, from the placement of tp and dp ranks on nodes.
+
+placement "tp-inner": rank = dp_rank * tp + tp_rank (a tp group is consecutive ranks: inside a node when tp
+divides the devices per node); "dp-inner": rank = tp_rank * dp + dp_rank (a dp group is consecutive ranks, tp
+groups stride across nodes). node = rank // devices_per_node (torchrun numbers a node's ranks contiguously).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from .hardware import GroupSpan
+
+PLACEMENTS = ("tp-inner", "dp-inner")
+
+
+def rank_of(tp_rank: int, dp_rank: int, tp: int, dp: int, placement: str) -> int:
+    if placement == "tp-inner":
+        return dp_rank * tp + tp_rank
+    if placement == "dp-inner":
+        return tp_rank * dp + dp_rank
+    raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+
+
+def groups(tp: int, dp: int, placement: str, kind: str) -> list[list[int]]:
+    """Every group of `kind` ('tp' or 'dp') as its global ranks in group-rank (= ring) order."""
+    if kind == "tp":
+        return [[rank_of(t, d, tp, dp, placement) for t in range(tp)] for d in range(dp)]
+    return [[rank_of(t, d, tp, dp, placement) for d in range(dp)] for t in range(tp)]
+
+
+def span(tp: int, dp: int, placement: str, kind: str, devices_per_node: int) -> GroupSpan:
+    """The link class of `kind`'s groups (all alike) and the most ring hops leaving one node at once over all
+    of them (they run the same collective together, so those hops share that node's link)."""
+    members = groups(tp, dp, placement, kind)
+    size = len(members[0])
+    if size == 1:
+        return GroupSpan(1, "none", 0)
+    uploads: Counter = Counter()
+    klasses = set()
+    for ranks in members:
+        nodes = [r // devices_per_node for r in ranks]
+        distinct = len(set(nodes))
+        klasses.add("intra" if distinct == 1 else "inter" if distinct == size else "mixed")
+        for i, node in enumerate(nodes):
+            if nodes[(i + 1) % size] != node:
+                uploads[node] += 1
+    klass = "mixed" if "mixed" in klasses or len(klasses) > 1 else klasses.pop()
+    return GroupSpan(size, klass, max(uploads.values(), default=0))
+
+
+__all__ = ["PLACEMENTS", "groups", "rank_of", "span"]
