@@ -116,14 +116,21 @@ def _measure_parsers(sub) -> None:
     p.add_argument("--model", required=True, help="preset (llama-7b, llama3-8b, llama-13b, llama-70b, smollm2-135m), "
                    "a JSON file of ModelConfig fields, or a Hugging Face config.json/folder")  # fmt: skip
     p.add_argument("--devices", type=int, required=True, help="devices in all (tp * dp)")
-    p.add_argument("--hardware", default="h100-nvlink", help="named profile with published figures: h100-nvlink, "
-                   "h100-nvlink-100g, a100-nvlink, a100-pcie")  # fmt: skip
+    p.add_argument("--hardware", default="h100-nvlink", help="named profile from spec sheets: v100-nvlink, "
+                   "a100-nvlink, a100-pcie, h100-nvlink, h100-nvlink-100g, b200-nvlink")  # fmt: skip
     p.add_argument("--calibration", default=None, help="use a `shardwise calibrate` JSON instead of --hardware")
     p.add_argument("--seq", type=int, default=None, help="sequence length (default: the config's)")
     p.add_argument("--micro-batch", type=int, default=None, help="micro-batch per dp rank")
     p.add_argument("--global-batch", type=int, default=None, help="sequences per step (default: devices x micro)")
     p.add_argument("--dtype-bytes", type=int, default=None, help="2 for bf16 (default), 4 for fp32")
     p.add_argument("--sequence-parallel", choices=["auto", "on", "off"], default="auto")
+    p.add_argument("--placement", choices=["auto", "tp-inner", "dp-inner"], default="auto",
+                   help="tp-inner: tp groups inside a node; dp-inner: dp groups inside, tp across nodes")  # fmt: skip
+    p.add_argument("--recompute", choices=["auto", "none", "selective", "full"], default="auto")
+    p.add_argument("--overlap", choices=["auto", "on", "off"], default="auto", help="TP comm behind GEMMs (GPUs)")
+    p.add_argument("--zero", choices=["auto", "on", "off"], default="auto", help="ZeRO-1 optimizer over dp")
+    p.add_argument("--bucket-mb", type=float, default=25, help="DDP gradient bucket size, MiB")
+    p.add_argument("--devices-per-node", type=int, default=None, help="override the hardware's devices per node")
     p.add_argument("--json", default=None, help="also write the table as JSON here")
 
 
@@ -192,10 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "plan":
         from .plan import main as plan_main
 
-        sp = {"auto": None, "on": True, "off": False}[args.sequence_parallel]
+        onoff = {"auto": None, "on": True, "off": False}
+        auto = lambda v: None if v == "auto" else v  # noqa: E731
         try:
             return plan_main(args.model, args.devices, args.hardware, args.calibration, args.seq, args.micro_batch,
-                             args.global_batch, args.dtype_bytes, sp, args.json)  # fmt: skip
+                             args.global_batch, args.dtype_bytes, onoff[args.sequence_parallel], args.json,
+                             placement=auto(args.placement), recompute=auto(args.recompute),
+                             overlap=onoff[args.overlap], zero=onoff[args.zero], bucket_mb=args.bucket_mb,
+                             devices_per_node=args.devices_per_node)  # fmt: skip
         except ValueError as exc:
             parser.error(str(exc))
     if args.command in ("verify", "generate"):
