@@ -169,7 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     _model_parsers(sub)
     _measure_parsers(sub)
     _train_parser(sub)
+    from .lab import add_parser as _lab_parser
+
+    _lab_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "lab":
+        from .lab import main as lab_main
+
+        return lab_main(parser, args)
     if args.command == "train":
         from .train import TrainConfig
         from .train import main as train_main
