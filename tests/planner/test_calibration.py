@@ -45,6 +45,8 @@ def test_every_class_op_and_size_fitted(cal):
     assert c["gemm"]["concurrent_ranks"] == WORLD and len(c["gemm"]["points"]) == 8
     assert all(p["fwd_s"] > 0 and p["bwd_s"] > 0 for p in c["gemm"]["points"])
     assert c["memory_bandwidth_Bps"] > 1e6 and 0 < c["op_overhead_s"] < 1e-2 and c["autograd_node_s"] > 0
+    skew = c["rank_skew"]
+    assert len(skew["points"]) == 2 and all(s > 0 and w >= 0 for s, w in skew["points"])
 
 
 def test_groups_are_what_their_class_claims(cal):

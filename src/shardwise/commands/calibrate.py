@@ -36,6 +36,9 @@ def report(cal: dict) -> str:
     op_us, node_us = cal["op_overhead_s"] * 1e6, cal["autograd_node_s"] * 1e6
     lines.append(f"memory bandwidth (element-wise): {cal['memory_bandwidth_Bps'] / 1e9:.2f} GB/s per rank; "
                  f"op overhead {op_us:.2f} us, autograd node {node_us:.1f} us")  # fmt: skip
+    skew = cal["rank_skew"]
+    waits = ", ".join(f"{w * 1e3:.2f} ms wait after {c * 1e3:.1f} ms compute" for c, w in skew["points"])
+    lines.append(f"rank skew: {waits} (wait/compute {skew['wait_per_compute_s']:.3f})")
     return "\n".join(lines)
 
 

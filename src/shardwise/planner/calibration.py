@@ -129,6 +129,7 @@ GRID_AXIS = (64, 256, 1024, 4096)
 GRID_MAX_MKN = 2**31  # larger shapes take seconds each on a CPU rank: their rate is carried over (gemm_time)
 QUICK_AXIS = (64, 256)
 QUICK_SIZES = [4096, 65536, 2**20]
+SKEW_SHAPES = {False: [(128, 256, 1024), (512, 1024, 1024)], True: [(64, 256, 256), (256, 256, 1024)]}
 
 
 def default_gemm_shapes(quick: bool = False) -> list[tuple[int, int, int]]:
@@ -187,12 +188,15 @@ def calibrate_here(mesh=None, quick: bool = False, max_bytes: int = 64 * 2**20, 
     contiguous ranks. quick: 3 message sizes up to 1 MiB, 3 calls each, a 2x2x2 GEMM grid (tests, CI).
     max_bytes: largest full-tensor message. gemm_shapes: [(m, k, n), ...] instead of the default grid.
 
-    Why no barrier per call and fresh tensors (measured on this machine, GPT block h=1024 tp=2, 2 MiB
-    all-reduces): after the last rank arrives, the block's all-reduce takes 3.4-3.9 ms, as a hot-buffer,
-    barrier-per-call measurement says (3.5-4.9 ms); the profiler's comm per call in the block is 6-11 ms
-    because one rank waits 7-34 ms (median arrival skew) for the other to finish its compute. The
-    'under load' gap of v1 (13.9 ms predicted vs 31.4 ms measured per block step) is that wait, not a slower
-    link; `gemm.rank_imbalance` measures the compute spread between ranks that causes it."""
+    What "under load" is (measured here, GPT block h=1024 tp=2, its four 2 MiB all-reduces, CLOCK_MONOTONIC
+    timestamps of both ranks): from the last rank's arrival to the first one's exit the block's all-reduce
+    takes 3.4-5.3 ms, as a hot-buffer barrier-per-call measurement (v1: 3.3-4.9 ms) roughly says; the
+    profiler's comm per call is 6-17 ms because each rank also waits for the other to finish its compute
+    (median arrival skew 3.5-34 ms, growing with the machine's load). So v1's gap (13.9 ms predicted vs
+    31.4 ms measured per step) is mostly that wait, not a slower link. Measured here without a barrier, after
+    an element-wise producer, the transfer comes out 0-1.5x higher than v1 (unsynchronised arrival), and
+    `rank_skew` measures the wait: a GEMM segment then a 4-byte all-reduce, no barrier; wait_per_compute_s
+    (about 0.06 here) times the compute between two collectives predicted the block's 4.1 ms wait per call."""
     _join_world()
     began = time.perf_counter()
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -227,6 +231,10 @@ def calibrate_here(mesh=None, quick: bool = False, max_bytes: int = 64 * 2**20, 
     dist.all_gather_object(mem, measure.memory_ops(quick))
     over = [None] * world
     dist.all_gather_object(over, measure.op_overheads(quick))
+    skews = []
+    for shape in SKEW_SHAPES[quick]:  # a short and a long compute segment: is the wait a constant or a share?
+        skews.append([None] * world)
+        dist.all_gather_object(skews[-1], measure.rank_skew(quick, shape))
     if rank != 0:
         return None
     points, spread = [], []
@@ -237,6 +245,11 @@ def calibrate_here(mesh=None, quick: bool = False, max_bytes: int = 64 * 2**20, 
                        "fwd_max_s": max(fwd), "bwd_max_s": max(bwd)})  # fmt: skip
         spread.append((max(fwd) + max(bwd)) / (statistics.median(fwd) + statistics.median(bwd)))
     mem_ops = {op: statistics.median(r[op] for r in mem) for op in mem[0]}
+    skew_points = []
+    for skew in skews:
+        segment = statistics.median(c for r in skew for c, _, _ in r)
+        wait = statistics.median(statistics.mean(r[i][1] - r[i][2] for r in skew) for i in range(len(skew[0])))
+        skew_points.append([segment, max(wait, 0.0)])
     return {
         "version": VERSION, "host": platform.node(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "backend": dist.get_backend(), "threads_per_rank": torch.get_num_threads(), "world": world,
@@ -249,6 +262,7 @@ def calibrate_here(mesh=None, quick: bool = False, max_bytes: int = 64 * 2**20, 
         "memory_bandwidth_Bps": statistics.median(mem_ops.values()), "memory_ops_Bps": mem_ops,
         "op_overhead_s": statistics.median(o[0] for o in over),
         "autograd_node_s": statistics.median(o[1] for o in over),
+        "rank_skew": {"points": skew_points, "wait_per_compute_s": skew_points[-1][1] / skew_points[-1][0]},
         "elapsed_s": {"collectives": t_comm - began, "total": time.perf_counter() - began},
     }  # fmt: skip
 

@@ -152,3 +152,26 @@ def op_overheads(quick: bool) -> tuple[float, float]:
             y.backward()
         samples.append((time.perf_counter() - t0) / (n // chain * chain))
     return op_s, min(samples)
+
+
+def rank_skew(quick: bool, shape: tuple[int, int, int]) -> list[tuple[float, float, float]]:
+    """This rank's (compute_s, wait_s, back_to_back_s) per rep: a GEMM segment of `shape` (m, k, n), as a
+    layer's compute between two collectives, then a 4-byte all-reduce over the world with no barrier, whose
+    time is mostly waiting for the slowest rank to finish its segment; back_to_back_s is the same all-reduce
+    right after another (ranks already in step): the part that is not waiting."""
+    m, k, n = shape
+    x, w = torch.randn(m, k), torch.randn(n, k)
+    flag = torch.ones(1)
+    out = []
+    dist.barrier()
+    for i in range((3 if quick else 10) + 1):
+        t0 = time.perf_counter()
+        F.linear(x, w)
+        t1 = time.perf_counter()
+        dist.all_reduce(flag)
+        t2 = time.perf_counter()
+        dist.all_reduce(flag)
+        t3 = time.perf_counter()
+        if i:
+            out.append((t1 - t0, t2 - t1, t3 - t2))
+    return out
