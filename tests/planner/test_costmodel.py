@@ -94,9 +94,9 @@ def test_placement_decides_the_link_tp_crosses():
 
 
 def test_groups_over_nodes_are_intra_inter_or_mixed():
-    assert span(2, 2, "tp-inner", "tp", 2) == GroupSpan(2, "intra", 0)
-    assert span(2, 2, "tp-inner", "dp", 2) == GroupSpan(2, "inter", 2)
-    assert span(4, 1, "tp-inner", "tp", 2) == GroupSpan(4, "mixed", 1)  # ring 0-1-2-3: one hop leaves each node
+    assert span(2, 2, "tp-inner", "tp", 2) == GroupSpan(2, "intra", 0, 2)
+    assert span(2, 2, "tp-inner", "dp", 2) == GroupSpan(2, "inter", 2, 1)
+    assert span(4, 1, "tp-inner", "tp", 2) == GroupSpan(4, "mixed", 1, 2)  # ring 0-1-2-3: one hop leaves each node
     hw = _hw(intra=Link(1e-6, 10e9), inter=Link(1e-4, 1e9))
     t = hw.collective("all_reduce", 1e6, span(4, 1, "tp-inner", "tp", 2))
     assert t == pytest.approx(6 * 1e-4 + 1.5 * 1e6 / 1e9)  # the ring paced by its inter hops
@@ -111,9 +111,18 @@ def test_calibration_fits_are_used_for_the_situation_they_measured():
     assert q.comm_s == pytest.approx(4 * (1e-4 + 1e-9 * BSH), rel=1e-12)
     assert hw.gemm_time(512, 64, 512, "fwd") == pytest.approx(2 * 512 * 64 * 512 / 2e10, rel=1e-6)
     # a 4-ring over 2 nodes: one flow per node link instead of the calibration's 2
-    assert hw.collective("all_reduce", 1e6, GroupSpan(4, "mixed", 1)) == pytest.approx(
+    assert hw.collective("all_reduce", 1e6, GroupSpan(4, "mixed", 1, 2)) == pytest.approx(
         6 * 5e-4 / 2 + 1.5 * 1e6 / (1 / 8e-8 * 2), rel=1e-9
     )
+    # once the world group (2 ranks on each node, alone) is measured, that fit is used for it as it is
+    cal["collectives"]["inter"]["all_reduce"]["4"] = {"alpha_s": 1e-3, "beta_s_per_byte": 3e-8,
+                                                      "concurrent_groups": 1, "ranks_per_node": 2}  # fmt: skip
+    world = from_calibration(cal).collective("all_reduce", 1e6, span(4, 1, "tp-inner", "tp", 2))
+    assert world == pytest.approx(1e-3 + 3e-8 * 1e6)
+    # rank skew: every blocking collective first waits 10% of the compute before it
+    cal["rank_skew"] = {"wait_per_compute_s": 0.1}
+    skewed = predict(CFG, from_calibration(cal), 2, 4, placement="dp-inner")
+    assert skewed.comm_s == pytest.approx(p.comm_s + 0.1 * p.compute_s, rel=1e-9)
 
 
 def test_cpu_cannot_hide_tp_comm_and_ddp_competes_for_cores():

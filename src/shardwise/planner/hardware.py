@@ -53,6 +53,7 @@ class GroupSpan:
     size: int
     klass: str
     flows: int = 1
+    per_node: int = 1  # ranks of one group on each node it touches (mixed rings: > 1)
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,8 @@ class Hardware:
     node_link_flows: int = 1  # concurrent inter-node flows at full rate per node (NICs per node)
     fused_optimizer: bool = False  # Adam as one fused kernel (GPU) vs torch's per-tensor loop (CPU)
     intra_name: str = "intra-node link"
+    bwd_op_overhead_s: float | None = None  # one autograd node in backward (None: op_overhead_s)
+    skew_per_compute: float = 0.0  # wait at a blocking collective per second of compute before it (rank skew)
     inter_name: str = "inter-node link"
 
     # ---- v1 API -------------------------------------------------------------------------------------
@@ -107,11 +110,12 @@ class Hardware:
         passes = {"fwd": 1, "bwd": 2, "dw": 1}[phase]
         return passes * batch * 2 * m * k * n / self.flops
 
-    def elementwise_time(self, nbytes: float, ops: float) -> float:
-        """Memory-bound work: `nbytes` read + written, `ops` kernels / autograd nodes."""
+    def elementwise_time(self, nbytes: float, ops: float, phase: str = "fwd") -> float:
+        """Memory-bound work: `nbytes` read + written, `ops` kernels (forward) / autograd nodes (backward)."""
         if self.memory_bandwidth is None:
             return 0.0  # v1 hardware: element-wise work was not modelled
-        return nbytes / self.memory_bandwidth + ops * self.op_overhead_s
+        per_op = self.bwd_op_overhead_s if phase == "bwd" and self.bwd_op_overhead_s is not None else self.op_overhead_s
+        return nbytes / self.memory_bandwidth + ops * per_op
 
     # ---- communication --------------------------------------------------------------------------------
     def collective(self, op: str, nbytes: float, span: GroupSpan) -> float:
@@ -126,7 +130,11 @@ class Hardware:
                 return fit["alpha_s"] + fit["beta_s_per_byte"] * nbytes
             return self._ring_link("intra", op, m).time(op, nbytes, m)
         fit = self.fits.get(("inter", op, m))
-        if span.klass == "inter" and fit is not None and fit.get("concurrent_groups", 1) == span.flows:
+        same = fit is not None and (fit.get("concurrent_groups", 1), fit.get("ranks_per_node", 1)) == (
+            span.flows,
+            span.per_node,
+        )
+        if same:
             return fit["alpha_s"] + fit["beta_s_per_byte"] * nbytes  # measured exactly this situation
         link = self._ring_link("inter", op, m)
         share = min(1.0, self.node_link_flows / max(span.flows, 1))
@@ -138,7 +146,9 @@ class Hardware:
         rate), from the measured fit nearest in group size (same op preferred), else the profile's Link."""
         if klass == "intra" and op in self.links:
             return self.links[op]
-        candidates = [(key, f) for key, f in self.fits.items() if key[0] == klass]
+        candidates = [(key, f) for key, f in self.fits.items() if key[0] == klass and f.get("ranks_per_node", 1) == 1]
+        if klass == "intra":
+            candidates = [(key, f) for key, f in self.fits.items() if key[0] == klass]
         if not candidates:
             if klass == "intra" and not self.fits:
                 return self.intra

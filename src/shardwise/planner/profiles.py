@@ -116,7 +116,9 @@ def from_calibration(path_or_dict) -> Hardware:
         cal.get("procs_per_node", cal.get("world", 2)), rep("intra"), rep("inter"),
         f"calibrated {cal.get('date', '')}, {cal.get('world')} ranks on {cal.get('nodes', 1)} node(s), "
         f"{cal.get('backend', 'gloo')}, node link {rate}",
-        memory_bandwidth=cal.get("memory_bandwidth_Bps"), op_overhead_s=cal.get("op_overhead_s", 0.0),
+        memory_bandwidth=cal.get("memory_bandwidth_Bps"), op_overhead_s=cal.get("op_overhead_s") or 0.0,
+        bwd_op_overhead_s=cal.get("autograd_node_s"),
+        skew_per_compute=(cal.get("rank_skew") or {}).get("wait_per_compute_s", 0.0) if gloo else 0.0,
         gemm=_gemm_fn(cal) if points else None, fits=fits, can_overlap=not gloo, comm_uses_compute_cores=gloo,
         intra_name="loopback (same node)", inter_name=f"node link ({rate})",
     )  # fmt: skip

@@ -14,6 +14,9 @@ Overlap, as the code and the backends behave:
   it moves at memory bandwidth) on the same cores as compute, so backward is stretched by that much, and the
   stretch counts as dp time. Under gradient accumulation DDP syncs only the last micro-batch (no_sync), so
   only that backward can hide it.
+- Rank skew (calibration's rank_skew, gloo only): ranks sharing oversubscribed cores drift apart, so a blocking
+  collective first waits for the slowest rank; that wait grows with the compute since the previous collective
+  and is counted as TP communication time (the profiler times it inside the collective too).
 """
 
 from __future__ import annotations
@@ -76,7 +79,7 @@ def phase_times(ops: list[Op], cfg: ModelConfig, hw: Hardware, tp_span: GroupSpa
             out.attn_core_fwd += fwd
         elif op.kind == "ew":
             out.fwd_compute += hw.elementwise_time(op.fwd_bytes, op.fwd_ops)
-            out.bwd_compute += hw.elementwise_time(op.bwd_bytes, op.bwd_ops)
+            out.bwd_compute += hw.elementwise_time(op.bwd_bytes, op.bwd_ops, "bwd")
         else:
             t = hw.collective(op.op, op.nbytes, tp_span)
             if op.phase == "fwd":
@@ -85,6 +88,11 @@ def phase_times(ops: list[Op], cfg: ModelConfig, hw: Hardware, tp_span: GroupSpa
                 out.bwd_comm += t
                 if op.hideable and op.part in ("attn", "mlp"):  # the overlapped column layers
                     hideable[op.part] = hideable.get(op.part, 0.0) + t
+    if hw.skew_per_compute and tp_span.size > 1 and (out.fwd_comm or out.bwd_comm):
+        # every blocking collective first waits for the slowest rank to finish the compute segment before it
+        # (oversubscribed cores: ranks drift apart); the segments between collectives make up the compute
+        out.fwd_comm += hw.skew_per_compute * out.fwd_compute
+        out.bwd_comm += hw.skew_per_compute * out.bwd_compute
     if overlap and hw.can_overlap:
         out.hidden = sum(min(t, cover.get(part, 0.0)) for part, t in hideable.items())
     return out

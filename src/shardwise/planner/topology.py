@@ -46,7 +46,9 @@ def span(tp: int, dp: int, placement: str, kind: str, devices_per_node: int) -> 
             if nodes[(i + 1) % size] != node:
                 uploads[node] += 1
     klass = "mixed" if "mixed" in klasses or len(klasses) > 1 else klasses.pop()
-    return GroupSpan(size, klass, max(uploads.values(), default=0))
+    nodes = [r // devices_per_node for r in members[0]]
+    per_node = max(nodes.count(x) for x in set(nodes)) if klass != "intra" else size
+    return GroupSpan(size, klass, max(uploads.values(), default=0), per_node)
 
 
 __all__ = ["PLACEMENTS", "groups", "rank_of", "span"]
