@@ -47,6 +47,7 @@ def test_every_class_op_and_size_fitted(cal):
     assert c["memory_bandwidth_Bps"] > 1e6 and 0 < c["op_overhead_s"] < 1e-2 and c["autograd_node_s"] > 0
     skew = c["rank_skew"]
     assert len(skew["points"]) == 2 and all(s > 0 and w >= 0 for s, w in skew["points"])
+    assert skew["wait_const_s"] >= 0 and skew["wait_per_compute_s"] >= 0
 
 
 def test_groups_are_what_their_class_claims(cal):

@@ -38,7 +38,8 @@ def report(cal: dict) -> str:
                  f"op overhead {op_us:.2f} us, autograd node {node_us:.1f} us")  # fmt: skip
     skew = cal["rank_skew"]
     waits = ", ".join(f"{w * 1e3:.2f} ms wait after {c * 1e3:.1f} ms compute" for c, w in skew["points"])
-    lines.append(f"rank skew: {waits} (wait/compute {skew['wait_per_compute_s']:.3f})")
+    lines.append(f"rank skew: {waits} (wait = {skew['wait_const_s'] * 1e3:.2f} ms + "
+                 f"{skew['wait_per_compute_s']:.3f} x compute)")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -262,9 +262,16 @@ def calibrate_here(mesh=None, quick: bool = False, max_bytes: int = 64 * 2**20, 
         "memory_bandwidth_Bps": statistics.median(mem_ops.values()), "memory_ops_Bps": mem_ops,
         "op_overhead_s": statistics.median(o[0] for o in over),
         "autograd_node_s": statistics.median(o[1] for o in over),
-        "rank_skew": {"points": skew_points, "wait_per_compute_s": skew_points[-1][1] / skew_points[-1][0]},
+        "rank_skew": _skew_line(skew_points),
         "elapsed_s": {"collectives": t_comm - began, "total": time.perf_counter() - began},
     }  # fmt: skip
+
+
+def _skew_line(points: list[list[float]]) -> dict:
+    """wait = wait_const_s + wait_per_compute_s * compute, through the (short, long) segment points, >= 0."""
+    (c0, w0), (c1, w1) = points
+    slope = max((w1 - w0) / (c1 - c0), 0.0) if c1 > c0 else 0.0
+    return {"points": points, "wait_const_s": max(w0 - slope * c0, 0.0), "wait_per_compute_s": slope}
 
 
 def gemm_time(cal: dict, m: float, k: float, n: float, phase: str = "fwd") -> float:
