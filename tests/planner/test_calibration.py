@@ -38,7 +38,8 @@ def test_every_class_op_and_size_fitted(cal):
         for op, by_size in c["collectives"][link].items():
             assert set(by_size) == sizes, (link, op)
             for g, f in by_size.items():
-                assert f["alpha_s"] >= 0 and 0 < f["beta_s_per_byte"] < 1e-3, (link, op, g, f)
+                for fitted in (f, f["transfer_fit"]):
+                    assert fitted["alpha_s"] >= 0 and 0 < fitted["beta_s_per_byte"] < 1e-3, (link, op, g, f)
                 assert len(f["points"]) == 3 and all(t > 0 for _, t in f["points"]), f["points"]
                 assert all(n % (4 * int(g)) == 0 and n <= 2**20 for n, _ in f["points"])  # full-tensor bytes
                 assert f["concurrent_groups"] == len(f["groups"]) == WORLD // int(g)

@@ -219,9 +219,13 @@ def calibrate_here(mesh=None, quick: bool = False, max_bytes: int = 64 * 2**20, 
             dist.all_gather_object(per_rank, calls)
             if rank == 0:
                 s = measure.summarize(per_rank, plan.groups, rounded)
-                entry = fit(s["points"]) | s | {"concurrent_groups": len(plan.groups),
-                                                "ranks_per_node": plan.ranks_per_node,
-                                                "groups": [list(grp) for grp in plan.groups]}  # fmt: skip
+                # the transfer alone (last rank's arrival to first exit): for a model adding rank_skew's wait itself
+                transfer = fit([(n, max(t, 1e-7)) for n, t in s["after_last_arrival"]])
+                entry = fit(s["points"]) | s | {
+                    "transfer_fit": {k: transfer[k] for k in ("alpha_s", "beta_s_per_byte")},
+                    "concurrent_groups": len(plan.groups), "ranks_per_node": plan.ranks_per_node,
+                    "groups": [list(grp) for grp in plan.groups],
+                }  # fmt: skip
                 collectives.setdefault(plan.link_class, {}).setdefault(op, {})[str(g)] = entry
     t_comm = time.perf_counter()
     shapes = [tuple(s) for s in (gemm_shapes or default_gemm_shapes(quick))]
