@@ -1,7 +1,10 @@
 """The rank grid: tp x dp process groups, built from torchrun's environment or our launcher's.
 
-Layout: the world is a [dp, tp] grid with tp ranks adjacent (global rank = dp_rank * tp + tp_rank),
-so the chatty tensor-parallel groups stay inside a node when nodes hold consecutive ranks.
+Placement (torchrun gives each node consecutive global ranks, so it decides which groups cross nodes):
+    "tp-inner" (default)  global rank = dp_rank * tp + tp_rank: tp ranks adjacent, so the chatty
+                          tensor-parallel groups stay inside a node and the dp groups span nodes
+    "dp-inner"            global rank = tp_rank * dp + dp_rank: dp ranks adjacent, tp groups span nodes
+                          (pays when the per-step dp gradient all-reduce outweighs TP's activations)
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ _default_mesh: Mesh | None = None  # what `mesh=None` means
 _built_mesh: Mesh | None = None  # the mesh init_mesh() made: a second call returns it instead of new groups
 _joins = 0  # process groups this process joined: a fresh key prefix each time, so stale keys never count
 DEFAULT_TIMEOUT_S = 300.0  # rendezvous and collectives, when neither timeout_s nor $SHARDWISE_TIMEOUT_S says
+PLACEMENTS = ("tp-inner", "dp-inner")  # which dimension's ranks are adjacent (see the module doc)
 
 
 @dataclass(frozen=True)
@@ -34,10 +38,12 @@ class Mesh:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"), compare=False)
     # Ranks agree on every collective before issuing it (comm.checks; also SHARDWISE_DEBUG_COLLECTIVES=1).
     debug: bool = field(default=False, compare=False)
+    placement: str = "tp-inner"  # one of PLACEMENTS: how (tp_rank, dp_rank) map to the global rank
 
     @property
     def rank(self) -> int:
-        return self.dp_rank * self.tp_size + self.tp_rank
+        """The global rank of (tp_rank, dp_rank) under this mesh's placement."""
+        return global_rank(self.tp_rank, self.dp_rank, self.tp_size, self.dp_size, self.placement)
 
     @property
     def world_size(self) -> int:
@@ -47,6 +53,20 @@ class Mesh:
     def single(device: str | torch.device = "cpu") -> Mesh:
         """A tp=1, dp=1 mesh needing no process group: the dense reference runs on it."""
         return Mesh(tp_size=1, tp_rank=0, dp_size=1, dp_rank=0, device=torch.device(device))
+
+
+def global_rank(tp_rank: int, dp_rank: int, tp: int, dp: int, placement: str = "tp-inner") -> int:
+    """The global rank holding grid cell (tp_rank, dp_rank) of a tp x dp world under `placement`."""
+    _check_placement(placement)
+    return dp_rank * tp + tp_rank if placement == "tp-inner" else tp_rank * dp + dp_rank
+
+
+def _check_placement(placement: str) -> None:
+    if placement not in PLACEMENTS:
+        raise ValueError(
+            f"placement must be 'tp-inner' (tp ranks adjacent: tp groups inside a node) or 'dp-inner' (dp ranks "
+            f"adjacent: tp groups span nodes), got {placement!r}"
+        )
 
 
 def _divisors(n: int) -> list[int]:
@@ -63,14 +83,16 @@ def _env_int(name: str) -> int:
     return int(value)
 
 
-def init_mesh(tp: int, dp: int = 1, *, backend: str | None = None, timeout_s: float | None = None,
-              debug: bool = False) -> Mesh:  # fmt: skip
+def init_mesh(tp: int, dp: int = 1, *, placement: str = "tp-inner", backend: str | None = None,
+              timeout_s: float | None = None, debug: bool = False) -> Mesh:  # fmt: skip
     """Join the process group (if not joined yet) and build the tp x dp groups.
 
-    Every rank must call this with the same tp and dp: process-group creation is collective.
-    The result becomes the default mesh for layers built with `mesh=None`. Called again with the same
-    tp and dp it returns the same mesh (no new process groups: each costs a collective and handles);
-    with others it raises, since two meshes over one world would leave layers on mismatched groups.
+    Every rank must call this with the same tp, dp and placement: process-group creation is collective.
+    `placement`: "tp-inner" (global rank = dp_rank * tp + tp_rank) or "dp-inner" (tp_rank * dp + dp_rank);
+    see the module doc. The result becomes the default mesh for layers built with `mesh=None`. Called again
+    with the same tp, dp and placement it returns the same mesh (no new process groups: each costs a
+    collective and handles); with others it raises, since two meshes over one world would leave layers on
+    mismatched groups.
     `backend` and `timeout_s` apply when this call joins the process group: `timeout_s` bounds the rendezvous
     (a rank that never calls init_mesh is named after it) and every collective; None means $SHARDWISE_TIMEOUT_S
     (shardwise.launch sets it, default 120 s), else 300 s. `debug=True`: ranks agree on every collective
@@ -79,14 +101,16 @@ def init_mesh(tp: int, dp: int = 1, *, backend: str | None = None, timeout_s: fl
     global _default_mesh, _built_mesh
     if not isinstance(tp, int) or not isinstance(dp, int) or tp < 1 or dp < 1:
         raise ValueError(f"tp and dp must be positive integers, got tp={tp!r}, dp={dp!r}")
+    _check_placement(placement)
     if _built_mesh is not None and not dist.is_initialized():
         _built_mesh = None  # the process group was destroyed under us: its mesh is gone with it
     if _built_mesh is not None:
         built = _built_mesh
-        if (built.tp_size, built.dp_size) != (tp, dp):
+        if (built.tp_size, built.dp_size, built.placement) != (tp, dp, placement):
             raise ValueError(
-                f"init_mesh(tp={built.tp_size}, dp={built.dp_size}) already built this process's mesh; "
-                f"init_mesh(tp={tp}, dp={dp}) would build a second one: pass the existing mesh "
+                f"init_mesh(tp={built.tp_size}, dp={built.dp_size}, placement={built.placement!r}) already built "
+                f"this process's mesh; init_mesh(tp={tp}, dp={dp}, placement={placement!r}) would build a second "
+                "one: pass the existing mesh "
                 "(shardwise.get_mesh()), or call shardwise.mesh.destroy_mesh() on every rank first"
             )
         if backend is not None and backend != dist.get_backend():
@@ -123,21 +147,23 @@ def init_mesh(tp: int, dp: int = 1, *, backend: str | None = None, timeout_s: fl
     if world_size > 1:
         # Every rank must ask for the same grid, or the group creation below would hang: compare first.
         asked = [None] * world_size
-        dist.all_gather_object(asked, (tp, dp))
+        dist.all_gather_object(asked, (tp, dp, placement))
         if len(set(asked)) > 1:
-            detail = ", ".join(f"rank {r}: tp={t} dp={d}" for r, (t, d) in enumerate(asked))
-            raise ValueError(f"ranks asked for different meshes ({detail}); pass the same tp and dp on every rank")
+            detail = ", ".join(f"rank {r}: tp={t} dp={d} {p}" for r, (t, d, p) in enumerate(asked))
+            raise ValueError(
+                f"ranks asked for different meshes ({detail}); pass the same tp, dp and placement on every rank"
+            )
     _check_grid(tp, dp, world_size)
 
     tp_group = dp_group = None
     # new_group is collective over the whole world: every rank creates every group, in the same order.
     for dp_index in range(dp):
-        ranks = list(range(dp_index * tp, (dp_index + 1) * tp))
+        ranks = [global_rank(t, dp_index, tp, dp, placement) for t in range(tp)]
         group = dist.new_group(ranks) if tp > 1 else None
         if rank in ranks:
             tp_group = group
     for tp_index in range(tp):
-        ranks = list(range(tp_index, world_size, tp))
+        ranks = [global_rank(tp_index, d, tp, dp, placement) for d in range(dp)]
         group = dist.new_group(ranks) if dp > 1 else None
         if rank in ranks:
             dp_group = group
@@ -146,16 +172,19 @@ def init_mesh(tp: int, dp: int = 1, *, backend: str | None = None, timeout_s: fl
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         device = torch.device("cpu")
+    tp_rank, dp_rank = (rank % tp, rank // tp) if placement == "tp-inner" else (rank // dp, rank % dp)
     mesh = Mesh(
         tp_size=tp,
-        tp_rank=rank % tp,
+        tp_rank=tp_rank,
         dp_size=dp,
-        dp_rank=rank // tp,
+        dp_rank=dp_rank,
         tp_group=tp_group,
         dp_group=dp_group,
         device=device,
         debug=debug,
+        placement=placement,
     )
+    assert mesh.rank == rank  # the two formulas above and global_rank agree
     _default_mesh = _built_mesh = mesh
     return mesh
 

@@ -160,6 +160,10 @@ def _train_parser(sub) -> None:
     t.add_argument("--text", default=None, help="train on this text file instead of Shakespeare")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint exactly")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--placement", choices=["tp-inner", "dp-inner"], default=d.placement,
+                   help="tp-inner: tp ranks adjacent (tp inside a node); dp-inner: dp ranks adjacent")  # fmt: skip
+    t.add_argument("--zero", action="store_true", help="ZeRO-1: Adam state partitioned over dp ranks")
+    t.add_argument("--bucket-mb", type=float, default=d.bucket_mb, help="DDP gradient bucket size, MiB")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,11 +1,14 @@
 """`shardwise train`: the GPT on real text with tp x dp ranks, checkpoints, exact resume.
 
 Batches are a pure function of (seed, step): every dp rank takes its slice of the step's global batch,
-and a resumed run sees exactly the batches the uninterrupted one would have. A checkpoint is one atomic
-unit: the model, the Adam state (sharded like the parameters, so it reshards too) and every rank's RNG
-state go through ONE save_sharded call, so one index names them all with one step, and a kill at any
-moment of a save leaves the previous checkpoint or the new one, never a mix. A preflight compares all
-ranks' configs and shard shapes before the first step.
+and a resumed run sees exactly the batches the uninterrupted one would have. The dp axis is torch's DDP
+on the mesh's dp group (data_parallel.wrap_ddp), with --zero torch's ZeroRedundancyOptimizer: its Adam state,
+partitioned over dp, is consolidated to dp rank 0 for a save and re-partitioned on load, so checkpoints
+are the same with and without --zero. Runs its own local ranks, or under torchrun one rank per process.
+A checkpoint is one atomic unit: the model, the Adam state (sharded like the parameters, so it reshards
+too) and every rank's RNG state go through ONE save_sharded call, so one index names them all with one
+step, and a kill at any moment of a save leaves the previous checkpoint or the new one, never a mix.
+A preflight compares all ranks' configs and shard shapes before the first step.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch.nn as nn
 import shardwise
 
 from ..checkpoint import load_sharded, read_index, save_sharded
-from ..data_parallel import average_gradients
+from ..data_parallel import load_optimizer_states, make_optimizer, optimizer_states, wrap_ddp
 from ..nn import GPT, GPTConfig
 from ..preflight import preflight
 from ..sharding import copy_shard_info
@@ -39,6 +42,9 @@ from .registry import default_cache_dir
 class TrainConfig:
     tp: int = 2
     dp: int = 1
+    placement: str = "tp-inner"  # or "dp-inner": which groups' ranks are adjacent (init_mesh)
+    zero: bool = False  # ZeRO-1: Adam's state partitioned over dp (torch's ZeroRedundancyOptimizer)
+    bucket_mb: float = 25.0  # DDP gradient bucket size, MiB
     steps: int = 200
     hidden: int = 128
     layers: int = 2
@@ -109,14 +115,15 @@ def unigram_entropy(data: torch.Tensor) -> float:
 
 class _AdamState(nn.Module):
     """Adam's moments as parameters named after the model's, carrying the same shard metadata, so the
-    sharded checkpoint saves (and reshards) them exactly like the weights."""
+    sharded checkpoint saves (and reshards) them exactly like the weights. `states`: param -> Adam state
+    (data_parallel.optimizer_states; zeros where missing, e.g. on the dp ranks that save nothing)."""
 
-    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer):
+    def __init__(self, model: nn.Module, states: dict):
         super().__init__()
         for kind in ("exp_avg", "exp_avg_sq"):
             holder = nn.Module()
             for name, p in model.named_parameters():
-                state = opt.state.get(p, {})
+                state = states.get(p, {})
                 value = state.get(kind, torch.zeros_like(p)).detach()
                 param = nn.Parameter(value.clone(), requires_grad=False)
                 copy_shard_info(p, param)  # the moments are sharded as their parameter is
@@ -124,12 +131,15 @@ class _AdamState(nn.Module):
             self.add_module(kind, holder)
 
     def copy_into(self, model: nn.Module, opt: torch.optim.Optimizer, step: int) -> None:
-        for name, p in model.named_parameters():
-            opt.state[p] = {
+        states = {
+            p: {
                 "step": torch.tensor(float(step)),
                 "exp_avg": _get(self.exp_avg, name).detach().clone(),
                 "exp_avg_sq": _get(self.exp_avg_sq, name).detach().clone(),
             }
+            for name, p in model.named_parameters()
+        }
+        load_optimizer_states(opt, states)  # with ZeRO each dp rank keeps its own partition's
 
 
 class _TrainState(nn.Module):
@@ -190,7 +200,8 @@ def save_checkpoint(directory: Path, model, opt, mesh, step: int, cfg: TrainConf
     """Model, Adam moments and RNG states of `step` in ONE sharded checkpoint (collective)."""
     state = {"kind": CHECKPOINT_KIND, "step": step, "config": asdict(cfg), "losses": losses, "evals": evals,
              "rng": _rng_states()}  # fmt: skip
-    save_sharded(_TrainState(model, _AdamState(model, opt)), directory, mesh, extra=state)
+    # optimizer_states is collective over dp with ZeRO (consolidated to dp rank 0, the ranks that save).
+    save_sharded(_TrainState(model, _AdamState(model, optimizer_states(opt))), directory, mesh, extra=state)
 
 
 def load_checkpoint(directory: Path, model, opt, mesh) -> dict:
@@ -201,7 +212,7 @@ def load_checkpoint(directory: Path, model, opt, mesh) -> dict:
     if not isinstance(state, dict) or state.get("kind") != CHECKPOINT_KIND:
         raise ValueError(f"{directory} holds a sharded checkpoint that `shardwise train` did not write; "
                          "pass --out of a train run, or start without --resume")  # fmt: skip
-    adam = _AdamState(model, opt)
+    adam = _AdamState(model, {})  # the shapes and shard metadata to load into
     load_sharded(_TrainState(model, adam), directory, mesh)
     adam.copy_into(model, opt, state["step"])
     rank, world = _rank()
@@ -228,7 +239,7 @@ def _load_legacy(directory: Path, model, opt, mesh) -> dict:
             "or start without --resume"
         )
     load_sharded(model, directory / "model", mesh)
-    adam = _AdamState(model, opt)
+    adam = _AdamState(model, {})
     load_sharded(adam, directory / "adam", mesh)
     adam.copy_into(model, opt, state["step"])
     if saved_rng is not None:
@@ -240,7 +251,7 @@ def _load_legacy(directory: Path, model, opt, mesh) -> dict:
 
 
 def train_rank(cfg: TrainConfig, data: torch.Tensor) -> dict | None:
-    mesh = shardwise.init_mesh(cfg.tp, cfg.dp, timeout_s=cfg.timeout_s)
+    mesh = shardwise.init_mesh(cfg.tp, cfg.dp, placement=cfg.placement, timeout_s=cfg.timeout_s)
     lead = dist.get_rank() == 0
     if cfg.batch % mesh.dp_size:
         raise ValueError(f"--batch {cfg.batch} is not divisible by dp={mesh.dp_size}")
@@ -248,7 +259,10 @@ def train_rank(cfg: TrainConfig, data: torch.Tensor) -> dict | None:
     torch.manual_seed(cfg.seed)
     model = GPT(model_cfg, mesh)
     preflight(model, mesh, {"model": model_cfg.to_dict(), "seed": cfg.seed, "seq": cfg.seq, "batch": cfg.batch})
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    # DDP averages the gradients over dp during backward; `model` stays the GPT itself (profiled, evaluated and
+    # checkpointed), `ddp` is what the step calls.
+    ddp = wrap_ddp(model, mesh, bucket_mb=cfg.bucket_mb)
+    opt = make_optimizer(model.parameters(), mesh, torch.optim.Adam, zero=cfg.zero, lr=cfg.lr)
     split = int(0.9 * data.numel())
     train_data, eval_data = data[:split], data[split:]
     out = Path(cfg.out)
@@ -266,9 +280,8 @@ def train_rank(cfg: TrainConfig, data: torch.Tensor) -> dict | None:
         ids, targets = batch_at(train_data, step, cfg.batch, cfg.seq, cfg.seed)
         with prof:
             prof.begin()
-            loss = model(ids[mine], targets[mine])
+            loss = ddp(ids[mine], targets[mine])
             loss.backward()
-            average_gradients(model, mesh)
             opt.step()
             opt.zero_grad(set_to_none=True)
             record = prof.step()
@@ -316,14 +329,46 @@ def _bar(cfg: TrainConfig, start: int):
 
 
 def main(cfg: TrainConfig) -> int:
+    """Train on tp x dp ranks: launched here as local processes, or, under torchrun (WORLD_SIZE set), as the
+    rank this process is: `torchrun --nproc-per-node 4 -m shardwise train --tp 2 --dp 2`."""
+    if "WORLD_SIZE" in os.environ:
+        return _main_torchrun(cfg)
     data = load_tokens(cfg.text)
-    baseline = unigram_entropy(data)
-    world = cfg.tp * cfg.dp
-    print(f"shardwise train: {data.numel() / 1e6:.2f} MB of text, byte tokens; GPT h={cfg.hidden} x {cfg.layers} "
-          f"layers, {cfg.heads} heads; tp={cfg.tp} dp={cfg.dp}; {cfg.steps} steps of {cfg.batch}x{cfg.seq} tokens; "
-          f"unigram baseline {baseline:.3f} nats")  # fmt: skip
+    _header(cfg, data)
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    result = shardwise.launch(train_rank, world, cfg, data)[0]
+    result = shardwise.launch(train_rank, cfg.tp * cfg.dp, cfg, data)[0]
+    _report(cfg, data, result)
+    return 0
+
+
+def _main_torchrun(cfg: TrainConfig) -> int:
+    # Joins first (a tp * dp that is not torchrun's world size is refused here, naming the dp to use);
+    # train_rank's init_mesh then returns this mesh.
+    shardwise.init_mesh(cfg.tp, cfg.dp, placement=cfg.placement, timeout_s=cfg.timeout_s)
+    lead = dist.get_rank() == 0
+    # Rank 0 reads (and if need be fetches) the text first, so ranks sharing a cache never race on the download.
+    if not lead:
+        dist.barrier()
+    data = load_tokens(cfg.text)
+    if lead:
+        _header(cfg, data)
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+    result = train_rank(cfg, data)
+    if lead:
+        _report(cfg, data, result)
+    return 0
+
+
+def _header(cfg: TrainConfig, data: torch.Tensor) -> None:
+    zero = " (ZeRO-1)" if cfg.zero and cfg.dp > 1 else ""
+    print(f"shardwise train: {data.numel() / 1e6:.2f} MB of text, byte tokens; GPT h={cfg.hidden} x {cfg.layers} "
+          f"layers, {cfg.heads} heads; tp={cfg.tp} dp={cfg.dp}{zero} {cfg.placement}; {cfg.steps} steps of "
+          f"{cfg.batch}x{cfg.seq} tokens; unigram baseline {unigram_entropy(data):.3f} nats")  # fmt: skip
+
+
+def _report(cfg: TrainConfig, data: torch.Tensor, result: dict) -> None:
+    baseline = unigram_entropy(data)
     losses, evals = result["losses"], result["evals"]
     summary = {"losses": losses, "evals": evals, "unigram_baseline": baseline, "config": asdict(cfg)}
     (Path(cfg.out) / "losses.json").write_text(json.dumps(summary))
@@ -335,7 +380,6 @@ def main(cfg: TrainConfig) -> int:
             f"{baseline:.3f}; eval {evals[-1][1] if evals else math.nan:.3f}; median R {result['R_median']:.2f}"
         )
     print(f"written {cfg.out}/losses.json, {png}, checkpoint in {cfg.out}/checkpoint")
-    return 0
 
 
 def loss_curve(losses: list[float], evals: list, baseline: float, path: str) -> str:
