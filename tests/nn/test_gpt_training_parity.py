@@ -1,10 +1,11 @@
-"""Adam training of the GPT at tp=2 and tp=2 x dp=2 follows the dense run step by step."""
+"""Adam training of the GPT at tp=2 and tp=2 x dp=2 (dp through torch DDP: wrap_ddp) follows the dense run step
+by step."""
 
 import torch
 from torch.testing import assert_close
 
 import shardwise
-from shardwise.data_parallel import average_gradients
+from shardwise.data_parallel import wrap_ddp
 from shardwise.nn import GPT, GPTConfig
 
 STEPS = 20
@@ -25,15 +26,15 @@ def train_and_compare(tp, dp, sp):
     model = GPT(cfg, mesh)
     torch.manual_seed(0)
     dense = GPT(GPTConfig(**{**cfg.to_dict(), "sequence_parallel": False}), shardwise.Mesh.single())
+    ddp = wrap_ddp(model, mesh)  # the model itself at dp=1
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     opt_dense = torch.optim.Adam(dense.parameters(), lr=3e-3)
     losses = []
     for ids, targets in _batches(cfg.vocab_size, batch=4, seq=8):
         # each dp rank trains on its quarter/half of the batch; the dense model sees all of it
         mine = slice(mesh.dp_rank * 4 // dp, (mesh.dp_rank + 1) * 4 // dp)
-        loss = model(ids[mine], targets[mine])
-        loss.backward()
-        average_gradients(model, mesh)
+        loss = ddp(ids[mine], targets[mine])
+        loss.backward()  # DDP averages the grads over dp
         opt.step()
         opt.zero_grad()
         loss_dense = dense(ids, targets)
