@@ -21,13 +21,16 @@ all-reduce appears as the "dp_grad_sync" row when the dp axis reports through co
 steps because the profiler's hooks cost time.
 
 Writes JSON from rank 0: {"config", "world", "nodes", "layouts": [{"tp", "dp", "placement", "sequence_parallel",
-"median_s", "p90_s", "mean_s", "steps_s", "profile": {"layers": per-rank rows, "steps": rank 0's step records}}]}.
+"median_s", "p90_s", "mean_s", "steps_s", "profile": {"ranks": per rank {"layers": profiler rows,
+"block_wall_s": {block: fwd+bwd span per step}}, "steps": rank 0's profiled step records}}]}.
 Times in seconds unless a key says ms (the profiler's rows).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import faulthandler
 import json
 import os
 import platform
@@ -94,16 +97,48 @@ def inner(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
-def batch(args, mesh, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """This dp rank's sequences [global_batch/dp, seq] of random ids (the same on every tp rank of a group)."""
+class BlockSpans:
+    """Wall time of each transformer block, forward and backward, from module hooks (profiled steps only): a
+    block's compute is its span minus the collectives inside it, so R per layer = comm / that."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.spans: dict[str, float] = {}
+        self.open: dict[tuple, float] = {}
+        self.handles = []
+        for i, block in enumerate(inner(model).blocks):
+            name = f"blocks.{i}"
+            self.handles += [
+                block.register_forward_pre_hook(lambda *_, n=name: self._start(n, "fwd")),
+                block.register_forward_hook(lambda *_, n=name: self._stop(n, "fwd")),
+                block.register_full_backward_pre_hook(lambda *_, n=name: self._start(n, "bwd")),
+                block.register_full_backward_hook(lambda *_, n=name: self._stop(n, "bwd")),
+            ]
+
+    def _start(self, name: str, phase: str) -> None:
+        self.open[name, phase] = time.perf_counter()
+
+    def _stop(self, name: str, phase: str) -> None:
+        self.spans[name] = self.spans.get(name, 0.0) + time.perf_counter() - self.open.pop((name, phase))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def batch(args, mesh, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This dp rank's micro-batches [micro_batch, seq] of random ids (the same on every tp rank of a group):
+    global_batch / dp sequences per step in all."""
     g = torch.Generator().manual_seed(1000 * step + mesh.dp_rank)
     ids = torch.randint(0, args.vocab, (args.global_batch // mesh.dp_size, args.seq + 1), generator=g)
-    return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+    mb = args.micro_batch or ids.shape[0]
+    return [(c[:, :-1].contiguous(), c[:, 1:].contiguous()) for c in ids.split(mb)]
 
 
 def run_layout(args, layout: dict) -> dict | None:
-    if args.global_batch % layout["dp"]:
-        raise ValueError(f"--global-batch {args.global_batch} is not divisible by dp={layout['dp']}")
+    per_rank = args.global_batch // layout["dp"]
+    if args.global_batch % layout["dp"] or args.micro_batch and per_rank % args.micro_batch:
+        raise ValueError(f"--global-batch {args.global_batch} must split into dp={layout['dp']} ranks x whole "
+                         f"micro-batches of --micro-batch {args.micro_batch}")  # fmt: skip
     mesh = build_mesh(layout)
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=args.vocab, hidden=args.hidden, num_layers=args.layers, num_heads=args.heads,
@@ -114,9 +149,13 @@ def run_layout(args, layout: dict) -> dict | None:
     data = [batch(args, mesh, s) for s in range(4)]
 
     def step(s: int) -> None:
-        ids, targets = data[s % len(data)]
-        loss = model(ids, targets)
-        loss.backward()
+        micro = data[s % len(data)]
+        for j, (ids, targets) in enumerate(micro):
+            # DDP all-reduces the gradients once, in the last micro-batch's backward
+            sync = j == len(micro) - 1 or not hasattr(model, "no_sync")
+            with contextlib.nullcontext() if sync else model.no_sync():
+                loss = model(ids, targets) / len(micro)
+                loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         # read the results inside the step: nothing in flight is left out of its time
@@ -137,17 +176,22 @@ def run_layout(args, layout: dict) -> dict | None:
     dist.all_gather_object(every, times)
     per_step = [max(rank_times[i] for rank_times in every) for i in range(args.steps)]
 
-    rows, steps = None, []
+    rows, steps, spans = None, [], {}
     if args.profile_steps:
         with shardwise.profile(inner(model)) as prof:
-            for s in range(args.profile_steps + 1):  # the first profiled step is dropped (hooks warm up)
+            step(0)  # a first profiled step, dropped: hooks warm up
+            prof.step()
+            hooks = BlockSpans(model)
+            for s in range(args.profile_steps):
                 prof.begin()
                 step(s)
                 prof.step()
+            hooks.remove()
         rows = prof.layers(skip_steps=1)
         steps = prof.steps[1:]
+        spans = {name: t / args.profile_steps for name, t in hooks.spans.items()}  # seconds per step
     all_rows = [None] * dist.get_world_size()
-    dist.all_gather_object(all_rows, rows)
+    dist.all_gather_object(all_rows, {"layers": rows, "block_wall_s": spans})
     rank = dist.get_rank()
     shardwise.mesh.destroy_mesh()
     if rank != 0:
@@ -156,7 +200,7 @@ def run_layout(args, layout: dict) -> dict | None:
     return {**layout, "name": layout_name(layout), "median_s": statistics.median(per_step),
             "p90_s": ordered[int(0.9 * (len(ordered) - 1))], "mean_s": window / args.steps, "steps_s": per_step,
             "rank_median_s": [statistics.median(t) for t in every],
-            "profile": {"layers": all_rows, "steps": steps}}  # fmt: skip
+            "profile": {"ranks": all_rows, "steps": steps}}  # fmt: skip
 
 
 def calibrate(path: str, quick: bool = True) -> None:
@@ -182,13 +226,16 @@ def main(argv=None) -> int:
     ap.add_argument("--vocab", type=int, default=512)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--global-batch", type=int, default=4, help="sequences per step, all dp ranks together")
+    ap.add_argument("--micro-batch", type=int, default=0, help="sequences per micro-batch (0: global_batch / dp)")
     ap.add_argument("--bucket-mb", type=float, default=25.0)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--profile-steps", type=int, default=3)
     ap.add_argument("--calibrate", default=None, help="run calibrate_here first and write its JSON here")
     ap.add_argument("--out", default=None, help="JSON written by rank 0 (default: stdout)")
+    ap.add_argument("--timeout-s", type=float, default=600.0, help="dump every thread's stack and exit after this")
     args = ap.parse_args(argv)
+    faulthandler.dump_traceback_later(args.timeout_s, exit=True)  # never hang: a stuck rank says where it is
     layouts = [parse_layout(t) for t in args.layout]
     if args.tp is not None or not layouts:
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -203,7 +250,7 @@ def main(argv=None) -> int:
     if dist.get_rank() == 0:
         record = {
             "config": {k: getattr(args, k) for k in ("hidden", "layers", "heads", "vocab", "seq", "global_batch",
-                                                      "bucket_mb", "steps", "warmup", "profile_steps")},
+                                                      "micro_batch", "bucket_mb", "steps", "warmup", "profile_steps")},
             "world": dist.get_world_size(), "nodes": int(os.environ.get("SHARDWISE_LAB_NODES", "1")),
             "procs_per_node": int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())),
             "link_rate": os.environ.get("SHARDWISE_LAB_RATE"), "host": platform.node(),
