@@ -174,7 +174,8 @@ def compare(cal: dict, work: dict, measured: dict, comm_scale: float = 1.0) -> d
         rows.append(row)
     best = min(rows, key=lambda r: r["measured_s"])
     pick = min(rows, key=lambda r: r["predicted_s"])
-    return {"rows": rows, "profiled_step_s": profiled_steps(measured), "measured_best": best["layout"], "planner_pick": pick["layout"],
+    return {"rows": rows, "profiled_step_s": profiled_steps(measured), "measured_best": best["layout"],
+            "planner_pick": pick["layout"],
             "pick_vs_best": pick["measured_s"] / best["measured_s"] - 1,
             "pick_ok": pick["measured_s"] <= (1 + PICK_REL) * best["measured_s"]}  # fmt: skip
 
