@@ -88,13 +88,10 @@ def model_config(work: dict):
     return gpt_config(gpt, seq=work["seq"], micro_batch=work["micro_batch"], dtype_bytes=4)
 
 
-def predict_layout(cal: dict, work: dict, layout: dict, comm_scale: float = 1.0):
-    """MODEL's predict for one measured layout from a calibration dict (comm_scale: every collective fit's
-    alpha and beta scaled, the mutant the tests use)."""
+def predict_layout(cal: dict, work: dict, layout: dict):
+    """The cost model's predict for one measured layout from a calibration dict."""
     from shardwise.costmodel import from_calibration, predict
 
-    if comm_scale != 1.0:
-        cal = scaled_links(cal, comm_scale, classes=None)
     hw = from_calibration(cal)
     return predict(model_config(work), hw, layout["tp"], devices=layout["tp"] * layout["dp"],
                    sequence_parallel=layout["sequence_parallel"], global_batch=work["global_batch"],
@@ -103,7 +100,7 @@ def predict_layout(cal: dict, work: dict, layout: dict, comm_scale: float = 1.0)
 
 def scaled_links(cal: dict, factor: float, classes=("inter",)) -> dict:
     """A copy of the calibration with the collective fits of the link `classes` (None: all) `factor` times slower:
-    beta (and, for the all-classes mutant, alpha) multiplied; the rate-scaling of the crossover keeps alpha."""
+    beta multiplied (and alpha too when classes is None); the crossover's rate scaling keeps alpha."""
     cal = copy.deepcopy(cal)
     for klass, ops in cal.get("collectives", {}).items():
         if classes is not None and klass not in classes:
@@ -148,36 +145,62 @@ def dp_sync_s(entry: dict) -> float:
     return max(vals)
 
 
-def compare(cal: dict, work: dict, measured: dict, comm_scale: float = 1.0) -> dict:
+def compare(cal: dict, work: dict, measured: dict) -> dict:
     """Rows predicted vs measured for one (scenario, rate), the planner's pick and the checks."""
     rows = []
     for entry in measured["layouts"]:
-        p = predict_layout(cal, work, entry, comm_scale)
-        row = {"layout": key(entry), "tp": entry["tp"], "dp": entry["dp"], "placement": entry["placement"],
-               "sequence_parallel": entry["sequence_parallel"], "measured_s": entry["median_s"],
-               "measured_p90_s": entry["p90_s"], "predicted_s": p.step_s, "error": p.step_s / entry["median_s"] - 1,
-               "predicted_dp_comm_s": p.dp_comm_s, "predicted_dp_exposed_s": p.dp_exposed_s,
-               "measured_dp_sync_s": dp_sync_s(entry), "tp_link": p.tp_link, "dp_link": p.dp_link,
-               "breakdown": p.breakdown, "blocks": []}  # fmt: skip
+        rows.append({"layout": key(entry), "tp": entry["tp"], "dp": entry["dp"], "placement": entry["placement"],
+                     "sequence_parallel": entry["sequence_parallel"], "measured_s": entry["median_s"],
+                     "measured_p90_s": entry["p90_s"], "measured_dp_sync_s": dp_sync_s(entry),
+                     "blocks": [{"name": m["name"], "measured_comm_s": m["comm_s"],
+                                 "measured_compute_s": m["compute_s"], "measured_R": m["R"]}
+                                for m in measured_blocks(entry)]})  # fmt: skip
+    return {**predict_rows(cal, work, rows), "profiled_step_s": profiled_steps(measured)}
+
+
+def predict_rows(cal: dict, work: dict, rows: list[dict]) -> dict:
+    """Fill each measured row's predictions from `cal` (per block: per step, i.e. the model's per-micro-batch
+    numbers times its micro-batches), the checks, and the planner's pick among these layouts."""
+    for row in rows:
+        p = predict_layout(cal, work, row)
+        row.update(predicted_s=p.step_s, error=p.step_s / row["measured_s"] - 1, predicted_dp_comm_s=p.dp_comm_s,
+                   predicted_dp_exposed_s=p.dp_exposed_s, tp_link=p.tp_link, dp_link=p.dp_link,
+                   breakdown=p.breakdown, micro_steps=p.micro_steps)  # fmt: skip
         pred_layers = {x["name"]: x for x in p.layers}
-        for m in measured_blocks(entry):
-            q = pred_layers.get(m["name"])
-            if q is None:
-                continue
-            row["blocks"].append({"name": m["name"], "measured_comm_s": m["comm_s"], "predicted_comm_s": q["comm_s"],
-                                  "measured_compute_s": m["compute_s"], "predicted_compute_s": q["compute_s"],
-                                  "measured_R": m["R"], "predicted_R": q["R"]})  # fmt: skip
+        for b in row["blocks"]:
+            q = pred_layers[b["name"]]
+            b.update(predicted_comm_s=q["comm_s"] * p.micro_steps, predicted_compute_s=q["compute_s"] * p.micro_steps,
+                     predicted_R=q["R"])  # fmt: skip
         row["step_ok"] = abs(row["error"]) <= STEP_REL
         row["comm_ok"] = all(within(b["predicted_comm_s"], b["measured_comm_s"], COMM_REL) and
                              within(b["predicted_R"], b["measured_R"], COMM_REL)
-                             for b in row["blocks"]) if entry["tp"] > 1 else None  # fmt: skip
-        rows.append(row)
+                             for b in row["blocks"]) if row["tp"] > 1 else None  # fmt: skip
     best = min(rows, key=lambda r: r["measured_s"])
     pick = min(rows, key=lambda r: r["predicted_s"])
-    return {"rows": rows, "profiled_step_s": profiled_steps(measured), "measured_best": best["layout"],
-            "planner_pick": pick["layout"],
+    return {"rows": rows, "measured_best": best["layout"], "planner_pick": pick["layout"],
             "pick_vs_best": pick["measured_s"] / best["measured_s"] - 1,
             "pick_ok": pick["measured_s"] <= (1 + PICK_REL) * best["measured_s"]}  # fmt: skip
+
+
+def repredict(record: dict) -> dict:
+    """The record's predictions (rows, picks, predicted crossovers) redone with today's model from its stored
+    calibrations, measurements untouched: `--repredict FILE` after a cost-model change."""
+    work = record["workload"]
+    for sc in record["scenarios"]:
+        for res in sc["rates"].values():
+            res.update(predict_rows(res["calibration"], work, res["rows"]))
+        cx = sc.get("crossover", {})
+        if cx.get("changes"):
+            rows = {r["layout"]: r for r in next(iter(sc["rates"].values()))["rows"]}
+            a, b = rows[cx["layouts"][0]], rows[cx["layouts"][1]]
+            rate = cx["predicted_from_calibration_at"]
+            cx["predicted_bits"] = predicted_crossover(sc["rates"][rate]["calibration"], rate, work, a, b, 20e6, 5e9)
+            cx["ok"] = crossover_ok(cx["measured_bits"], cx["predicted_bits"])
+    return record
+
+
+def crossover_ok(measured: float | None, predicted: float | None) -> bool:
+    return measured is not None and predicted is not None and 1 / CROSS_FACTOR <= predicted / measured <= CROSS_FACTOR
 
 
 def within(pred: float, meas: float, rel: float) -> bool:
@@ -270,7 +293,7 @@ def crossover(fab, name, ppn, rates, cals, results, work, steps, sweep, tmp) -> 
     measured = measured_crossover(points)
     cal_rate = shaped[-1]
     predicted = predicted_crossover(cals[cal_rate], cal_rate, work, a, b, 20e6, 5e9)
-    ok = measured is not None and predicted is not None and 1 / CROSS_FACTOR <= predicted / measured <= CROSS_FACTOR
+    ok = crossover_ok(measured, predicted)
     return {"changes": True, "layouts": [key(a), key(b)], "between": [lo_rate, hi_rate or "unshaped"],
             "sweep": [{"rate_bits": r, "log_ratio": d} for r, d in points], "measured_bits": measured,
             "predicted_bits": predicted, "predicted_from_calibration_at": cal_rate, "ok": ok}  # fmt: skip
@@ -285,7 +308,16 @@ def main(argv=None) -> int:
     for k, v in WORKLOAD.items():
         ap.add_argument(f"--{k.replace('_', '-')}", type=int, default=v)
     ap.add_argument("--out-dir", default=str(RESULTS))
+    ap.add_argument("--repredict", default=None, help="a planner-<date>.json: redo its predictions and the report")
     a = ap.parse_args(argv)
+    if a.repredict:
+        src = Path(a.repredict)
+        record = repredict(json.loads(src.read_text()))
+        src.write_text(json.dumps(record, indent=1))
+        from planner_report import write_report
+
+        write_report(record, src.parent / "planner-pred-vs-meas.png", HERE / "PLANNER.md", f"bench/results/{src.name}")
+        return 0
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     work = {k: getattr(a, k) for k in WORKLOAD}
     rates = [None if r == "unshaped" else r for r in a.rates.split(",")]
