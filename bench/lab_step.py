@@ -203,11 +203,16 @@ def run_layout(args, layout: dict) -> dict | None:
             "profile": {"ranks": all_rows, "steps": steps}}  # fmt: skip
 
 
-def calibrate(path: str, quick: bool = True) -> None:
-    """CAL's calibrate_here under this job's ranks and link (rank 0 writes the v2 JSON)."""
+def calibrate(path: str, mode: str) -> None:
+    """calibrate_here under this job's ranks and link (rank 0 writes the v2 JSON). mode: quick (3 sizes up to 1 MiB,
+    3 calls each: fast, noisy under load), medium (the full method with messages up to 8 MiB: covers a small model's
+    activations and DDP buckets without minutes of 64 MiB transfers over a slow link), full."""
     from shardwise.planner.calibration import calibrate_here
 
-    result = calibrate_here(None, quick=quick)
+    if mode == "quick":
+        result = calibrate_here(None, quick=True)
+    else:
+        result = calibrate_here(None, quick=False, max_bytes=8 * 2**20 if mode == "medium" else 64 * 2**20)
     if dist.get_rank() == 0:
         with open(path, "w") as f:
             json.dump(result, f, indent=1)
@@ -232,6 +237,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--profile-steps", type=int, default=3)
     ap.add_argument("--calibrate", default=None, help="run calibrate_here first and write its JSON here")
+    ap.add_argument("--calibration-mode", choices=("quick", "medium", "full"), default="quick")
     ap.add_argument("--out", default=None, help="JSON written by rank 0 (default: stdout)")
     ap.add_argument("--timeout-s", type=float, default=600.0, help="dump every thread's stack and exit after this")
     args = ap.parse_args(argv)
@@ -245,7 +251,7 @@ def main(argv=None) -> int:
     if not dist.is_initialized():
         dist.init_process_group("gloo", timeout=__import__("datetime").timedelta(seconds=300))
     if args.calibrate:
-        calibrate(args.calibrate)
+        calibrate(args.calibrate, args.calibration_mode)
     results = [run_layout(args, layout) for layout in layouts]
     if dist.get_rank() == 0:
         record = {

@@ -62,7 +62,7 @@ def bits(rate: str | None) -> float:
 
 
 def run_job(fab, ppn: int, layouts: list[dict], work: dict, steps: int, cal_path: str | None, tmp: Path,
-            timeout_s: float) -> dict:  # fmt: skip
+            timeout_s: float, cal_mode: str = "medium") -> dict:  # fmt: skip
     out = tmp / f"step-{time.monotonic_ns()}.json"
     argv = [sys.executable, str(HERE / "lab_step.py"), "--out", str(out), "--steps", str(steps), "--warmup", "2",
             "--profile-steps", "3", "--timeout-s", str(timeout_s - 10)]  # fmt: skip
@@ -71,7 +71,7 @@ def run_job(fab, ppn: int, layouts: list[dict], work: dict, steps: int, cal_path
     for lay in layouts:
         argv += ["--layout", f"{lay['tp']}:{lay['dp']}:{lay['placement']}:{int(lay['sequence_parallel'])}"]
     if cal_path:
-        argv += ["--calibrate", cal_path]
+        argv += ["--calibrate", cal_path, "--calibration-mode", cal_mode]
     res = fab.torchrun(argv, procs_per_node=ppn, env={"THP_MEM_ALLOC_ENABLE": "1", "OMP_NUM_THREADS": "1"},
                        timeout_s=timeout_s)  # fmt: skip
     if not res.ok:
@@ -239,7 +239,8 @@ def measured_crossover(points: list[tuple[float, float]]) -> float | None:
     return None
 
 
-def scenario(name: str, rates: list[str | None], work: dict, steps: int, sweep: int, tmp: Path) -> dict:
+def scenario(name: str, rates: list[str | None], work: dict, steps: int, sweep: int, tmp: Path,
+             cal_mode: str) -> dict:  # fmt: skip
     from shardwise.lab import Fabric
 
     nodes, ppn = SCENARIOS[name]
@@ -251,7 +252,7 @@ def scenario(name: str, rates: list[str | None], work: dict, steps: int, sweep: 
             fab.set_rate(rate)
             cal_path = str(tmp / f"cal-{name}-{rate}.json")
             started = time.monotonic()
-            measured = run_job(fab, ppn, layouts, work, steps, cal_path, tmp, timeout_s=600)
+            measured = run_job(fab, ppn, layouts, work, steps, cal_path, tmp, timeout_s=600, cal_mode=cal_mode)
             cal = json.loads(Path(cal_path).read_text())
             cals[rate] = cal
             res = compare(cal, work, measured)
@@ -307,6 +308,12 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep", type=int, default=2, help="extra rates between the two where the best changes")
     for k, v in WORKLOAD.items():
         ap.add_argument(f"--{k.replace('_', '-')}", type=int, default=v)
+    ap.add_argument(
+        "--calibration",
+        choices=("quick", "medium", "full"),
+        default="medium",
+        help="calibrate_here in each job: quick (noisy), medium (messages up to 8 MiB), full",
+    )
     ap.add_argument("--out-dir", default=str(RESULTS))
     ap.add_argument("--repredict", default=None, help="a planner-<date>.json: redo its predictions and the report")
     a = ap.parse_args(argv)
@@ -323,11 +330,12 @@ def main(argv=None) -> int:
     rates = [None if r == "unshaped" else r for r in a.rates.split(",")]
     record = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "workload": work, "steps": a.steps,
               "tolerances": {"step": STEP_REL, "comm_and_R": COMM_REL, "pick": PICK_REL, "crossover": CROSS_FACTOR},
-              "load_before": os.getloadavg(), "cores": os.cpu_count(), "scenarios": []}  # fmt: skip
+              "calibration_mode": a.calibration, "load_before": os.getloadavg(), "cores": os.cpu_count(),
+              "scenarios": []}  # fmt: skip
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="planner-lab-") as tmp:
         for name in a.scenarios.split(","):
-            record["scenarios"].append(scenario(name, rates, work, a.steps, a.sweep, Path(tmp)))
+            record["scenarios"].append(scenario(name, rates, work, a.steps, a.sweep, Path(tmp), a.calibration))
     record.update(load_after=os.getloadavg(), wall_s=time.monotonic() - started)
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -335,7 +343,8 @@ def main(argv=None) -> int:
     path.write_text(json.dumps(record, indent=1))
     from planner_report import write_report
 
-    write_report(record, out / "planner-pred-vs-meas.png", HERE / "PLANNER.md", f"bench/results/{path.name}")
+    md = HERE / "PLANNER.md" if out.resolve() == RESULTS else out / "PLANNER.md"  # a trial run leaves it alone
+    write_report(record, out / "planner-pred-vs-meas.png", md, f"bench/results/{path.name}")
     print(f"written {path} ({record['wall_s']:.0f} s)")
     return 0
 
