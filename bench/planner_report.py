@@ -101,11 +101,44 @@ def write_report(record: dict, png: Path, md: Path, json_name: str | None = None
                 )
         else:
             lines.append(f"Crossover: {cx.get('note', 'not measured')}.\n")
+    lines += block_section(png.parent, misses)
     lines.append("## What missed the tolerances\n")
     lines += [f"- {m}" for m in misses] or ["- nothing"]
     lines.append(f"\n![predicted vs measured](results/{png.name})\n")
     md.write_text("\n".join(lines) + "\n")
     chart(record, png)
+
+
+def block_section(results: Path, misses: list[str]) -> list[str]:
+    """The one-box GPT block at tp 1, 2, 4 (bench/block_scaling.py), every recorded calibration variant of the day."""
+    runs = sorted(results.glob("block-scaling-????-??-??.json"))
+    if not runs:
+        return []
+    date = runs[-1].name[len("block-scaling-") : -len(".json")]
+    out = ["## One box: GPT block at tp 1, 2, 4 (4 ranks busy)\n",
+           "`bench/block_scaling.py`: 4 gloo ranks on this machine's cores, every degree with all 4 ranks busy (tp=1: "
+           "four dense blocks side by side, tp=2: two groups), round-robin, max over ranks, predicted from a "
+           "calibration taken in the same launch.\n"]  # fmt: skip
+    for path in sorted(results.glob(f"block-scaling*{date}.json")):
+        rec = json.loads(path.read_text())
+        c = rec["config"]
+        cal = "full" if "fullcal" in path.name else "quick"
+        out.append(f"{path.name} (h={c['hidden']}, {c['heads']} heads, seq {c['seq']}, {cal} calibration, load "
+                   f"{rec['load_before'][0]:.2f} -> {rec['load_after'][0]:.2f}):\n")  # fmt: skip
+        out.append("| tp | measured ms (p90) | predicted ms | error | comm ms meas/pred | R meas/pred |")
+        out.append("|---|---|---|---|---|---|")
+        for r in rec["rows"]:
+            if "predicted_s" not in r:
+                continue
+            out.append(f"| {r['tp']} | {r['measured_median_s'] * 1e3:.1f} ({r['measured_p90_s'] * 1e3:.1f}) | "
+                       f"{r['predicted_s'] * 1e3:.1f} | {r['error']:+.1%} | {r['measured_comm_s'] * 1e3:.1f}/"
+                       f"{r['predicted_comm_s'] * 1e3:.1f} | {r['R_measured']:.2f}/{r['R_predicted']:.2f} "
+                       "|")  # fmt: skip
+            if abs(r["error"]) > 0.15:
+                misses.append(f"block tp={r['tp']} ({path.name}): {r['predicted_s'] * 1e3:.1f} ms predicted vs "
+                              f"{r['measured_median_s'] * 1e3:.1f} measured ({r['error']:+.0%})")  # fmt: skip
+        out.append("")
+    return out
 
 
 def chart(record: dict, path: Path) -> None:
