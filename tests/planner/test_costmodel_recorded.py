@@ -35,116 +35,135 @@ KNOWN_MISSES: dict[str, str] = {  # block-scaling-2026-11-22.json, planner-2026-
     'block-tp4':
         'block: comm 49.6 ms predicted vs 69.0 ms measured; block: R 1.43 predicted vs 3.19 measured',
     '2x1@unshaped-tp1dp2-tp-inner':
-        'step 61.7 ms predicted vs 48.1 ms measured (+28%)',
+        'step 48.9 ms predicted vs 66.9 ms measured (-27%)',
     '2x1@unshaped-tp2dp1-tp-inner':
-        'blocks.0: comm 66.0 ms predicted vs 19.7 ms measured; blocks.0: R 4.18 predicted vs 0.78 measured; '
-        'blocks.1: comm 66.0 ms predicted vs 28.0 ms measured; blocks.1: R 4.18 predicted vs 1.08 measured; '
-        'step 241.0 ms predicted vs 153.2 ms measured (+57%)',
+        'blocks.0: comm 12.8 ms predicted vs 27.2 ms measured; blocks.0: R 1.08 predicted vs 0.84 measured; '
+        'blocks.1: comm 12.8 ms predicted vs 28.3 ms measured; step 69.4 ms predicted vs 163.1 ms measured '
+        '(-57%)',
     '2x1@unshaped-tp2dp1-tp-inner+sp':
-        'blocks.0: comm 89.4 ms predicted vs 69.5 ms measured; blocks.0: R 5.91 predicted vs 1.42 measured; '
-        'blocks.1: comm 89.4 ms predicted vs 67.3 ms measured; blocks.1: R 5.91 predicted vs 1.45 measured',
+        'blocks.0: comm 34.6 ms predicted vs 74.7 ms measured; blocks.0: R 3.01 predicted vs 1.23 measured; '
+        'blocks.1: comm 34.6 ms predicted vs 72.0 ms measured; blocks.1: R 3.01 predicted vs 1.31 measured; '
+        'step 121.2 ms predicted vs 342.1 ms measured (-65%)',
+    '2x1@1gbit-tp1dp2-tp-inner':
+        'step 86.5 ms predicted vs 114.0 ms measured (-24%)',
     '2x1@1gbit-tp2dp1-tp-inner':
-        'blocks.0: comm 15.6 ms predicted vs 32.1 ms measured; blocks.1: comm 15.6 ms predicted vs 33.5 ms '
-        'measured; step 89.1 ms predicted vs 164.1 ms measured (-46%)',
+        'blocks.0: comm 20.1 ms predicted vs 31.8 ms measured; blocks.1: comm 20.1 ms predicted vs 35.5 ms '
+        'measured; step 97.6 ms predicted vs 147.5 ms measured (-34%)',
     '2x1@1gbit-tp2dp1-tp-inner+sp':
-        'blocks.0: comm 38.0 ms predicted vs 74.1 ms measured; blocks.0: R 2.69 predicted vs 1.31 measured; '
-        'blocks.1: comm 38.0 ms predicted vs 76.8 ms measured; blocks.1: R 2.69 predicted vs 1.36 measured; '
-        'step 141.9 ms predicted vs 315.6 ms measured (-55%)',
+        'blocks.0: comm 41.1 ms predicted vs 62.0 ms measured; blocks.0: R 2.57 predicted vs 1.61 measured; '
+        'blocks.1: R 2.57 predicted vs 1.32 measured; step 146.5 ms predicted vs 288.9 ms measured (-49%)',
     '2x1@300mbit-tp1dp2-tp-inner':
-        'step 134.1 ms predicted vs 250.1 ms measured (-46%)',
+        'step 189.9 ms predicted vs 244.8 ms measured (-22%)',
     '2x1@300mbit-tp2dp1-tp-inner':
-        'blocks.0: comm 20.1 ms predicted vs 29.2 ms measured; blocks.1: comm 20.1 ms predicted vs 30.1 ms '
-        'measured; step 109.9 ms predicted vs 163.8 ms measured (-33%)',
+        'blocks.0: comm 33.5 ms predicted vs 24.7 ms measured; blocks.0: R 2.57 predicted vs 0.75 measured; '
+        'blocks.1: R 2.57 predicted vs 1.02 measured; step 123.9 ms predicted vs 180.7 ms measured (-31%)',
     '2x1@300mbit-tp2dp1-tp-inner+sp':
-        'blocks.0: comm 37.3 ms predicted vs 85.0 ms measured; blocks.0: R 2.24 predicted vs 1.52 measured; '
-        'blocks.1: comm 37.3 ms predicted vs 93.3 ms measured; blocks.1: R 2.24 predicted vs 1.58 measured; '
-        'step 149.0 ms predicted vs 353.5 ms measured (-58%)',
+        'blocks.0: comm 57.6 ms predicted vs 82.0 ms measured; blocks.0: R 4.53 predicted vs 1.36 measured; '
+        'blocks.1: R 4.53 predicted vs 1.24 measured; step 181.0 ms predicted vs 396.0 ms measured (-54%)',
     '2x1@100mbit-tp1dp2-tp-inner':
-        'step 497.2 ms predicted vs 653.9 ms measured (-24%)',
+        'step 508.1 ms predicted vs 699.6 ms measured (-27%)',
     '2x1@100mbit-tp2dp1-tp-inner':
-        'blocks.0: comm 121.1 ms predicted vs 63.7 ms measured; blocks.0: R 5.98 predicted vs 2.13 measured; '
-        'blocks.1: comm 121.1 ms predicted vs 67.1 ms measured; blocks.1: R 5.98 predicted vs 2.18 measured; '
-        'step 390.8 ms predicted vs 259.8 ms measured (+50%)',
+        'blocks.0: comm 88.6 ms predicted vs 59.5 ms measured; blocks.0: R 4.87 predicted vs 1.60 measured; '
+        'blocks.1: comm 88.6 ms predicted vs 62.1 ms measured; blocks.1: R 4.87 predicted vs 1.61 measured',
     '2x1@100mbit-tp2dp1-tp-inner+sp':
-        'blocks.0: comm 203.4 ms predicted vs 137.8 ms measured; blocks.0: R 10.54 predicted vs 2.06 '
-        'measured; blocks.1: comm 203.4 ms predicted vs 134.4 ms measured; blocks.1: R 10.54 predicted vs '
-        '2.17 measured; step 581.2 ms predicted vs 419.0 ms measured (+39%)',
+        'blocks.0: comm 151.1 ms predicted vs 102.4 ms measured; blocks.0: R 8.57 predicted vs 1.67 measured;'
+        ' blocks.1: comm 151.1 ms predicted vs 106.2 ms measured; blocks.1: R 8.57 predicted vs 1.62 measured',
+    '2x2@unshaped-tp1dp4-tp-inner':
+        'step 61.9 ms predicted vs 124.3 ms measured (-50%)',
     '2x2@unshaped-tp2dp2-tp-inner':
-        'blocks.0: comm 18.5 ms predicted vs 34.1 ms measured; blocks.1: comm 18.5 ms predicted vs 36.2 ms '
-        'measured; step 114.3 ms predicted vs 177.0 ms measured (-35%)',
+        'blocks.0: comm 6.9 ms predicted vs 39.8 ms measured; blocks.0: R 0.76 predicted vs 1.57 measured; '
+        'blocks.1: comm 6.9 ms predicted vs 47.3 ms measured; blocks.1: R 0.76 predicted vs 1.80 measured; '
+        'step 57.9 ms predicted vs 199.6 ms measured (-71%)',
     '2x2@unshaped-tp2dp2-tp-inner+sp':
-        'blocks.0: R 2.82 predicted vs 1.51 measured; blocks.1: R 2.82 predicted vs 1.58 measured; step 150.6'
-        ' ms predicted vs 256.6 ms measured (-41%)',
+        'blocks.0: comm 22.6 ms predicted vs 59.3 ms measured; blocks.0: R 2.58 predicted vs 1.20 measured; '
+        'blocks.1: comm 22.6 ms predicted vs 49.7 ms measured; blocks.1: R 2.58 predicted vs 1.03 measured; '
+        'step 95.4 ms predicted vs 296.5 ms measured (-68%)',
     '2x2@unshaped-tp2dp2-dp-inner':
-        'blocks.0: comm 23.2 ms predicted vs 34.2 ms measured; blocks.1: comm 23.2 ms predicted vs 36.3 ms '
-        'measured; step 126.6 ms predicted vs 168.8 ms measured (-25%)',
+        'blocks.0: comm 7.4 ms predicted vs 45.9 ms measured; blocks.0: R 0.82 predicted vs 1.88 measured; '
+        'blocks.1: comm 7.4 ms predicted vs 40.8 ms measured; blocks.1: R 0.82 predicted vs 1.87 measured; '
+        'step 59.1 ms predicted vs 168.5 ms measured (-65%)',
     '2x2@unshaped-tp2dp2-dp-inner+sp':
-        'blocks.0: R 4.21 predicted vs 1.31 measured; blocks.1: R 4.21 predicted vs 1.12 measured; step 193.4'
-        ' ms predicted vs 277.3 ms measured (-30%)',
+        'blocks.0: comm 21.4 ms predicted vs 64.6 ms measured; blocks.0: R 2.44 predicted vs 1.36 measured; '
+        'blocks.1: comm 21.4 ms predicted vs 58.0 ms measured; blocks.1: R 2.44 predicted vs 1.33 measured; '
+        'step 92.2 ms predicted vs 303.6 ms measured (-70%)',
     '2x2@unshaped-tp4dp1-tp-inner':
-        'blocks.0: R 6.00 predicted vs 4.10 measured; blocks.1: R 6.00 predicted vs 3.21 measured',
+        'blocks.0: comm 97.0 ms predicted vs 129.8 ms measured; blocks.0: R 7.33 predicted vs 3.46 measured; '
+        'blocks.1: comm 97.0 ms predicted vs 133.3 ms measured; blocks.1: R 7.33 predicted vs 3.33 measured; '
+        'step 324.3 ms predicted vs 468.0 ms measured (-31%)',
     '2x2@unshaped-tp4dp1-tp-inner+sp':
-        'blocks.0: R 14.01 predicted vs 2.45 measured; blocks.1: R 14.01 predicted vs 2.53 measured; step '
-        '684.6 ms predicted vs 919.5 ms measured (-26%)',
+        'blocks.0: R 19.45 predicted vs 2.08 measured; blocks.1: R 19.45 predicted vs 2.45 measured; step '
+        '665.1 ms predicted vs 958.7 ms measured (-31%)',
+    '2x2@1gbit-tp1dp4-tp-inner':
+        'step 112.2 ms predicted vs 176.4 ms measured (-36%)',
     '2x2@1gbit-tp2dp2-tp-inner':
-        'blocks.0: comm 13.4 ms predicted vs 41.9 ms measured; blocks.0: R 1.04 predicted vs 1.61 measured; '
-        'blocks.1: comm 13.4 ms predicted vs 33.7 ms measured; step 140.9 ms predicted vs 222.5 ms measured '
-        '(-37%)',
+        'blocks.0: comm 9.0 ms predicted vs 33.0 ms measured; blocks.0: R 1.01 predicted vs 1.56 measured; '
+        'blocks.1: comm 9.0 ms predicted vs 31.0 ms measured; blocks.1: R 1.01 predicted vs 1.53 measured; '
+        'step 96.9 ms predicted vs 219.8 ms measured (-56%)',
     '2x2@1gbit-tp2dp2-tp-inner+sp':
-        'blocks.0: R 4.74 predicted vs 1.21 measured; blocks.1: R 4.74 predicted vs 1.30 measured; step 242.8'
-        ' ms predicted vs 313.1 ms measured (-22%)',
+        'blocks.0: comm 24.4 ms predicted vs 59.9 ms measured; blocks.0: R 2.81 predicted vs 1.50 measured; '
+        'blocks.1: comm 24.4 ms predicted vs 57.2 ms measured; blocks.1: R 2.81 predicted vs 1.27 measured; '
+        'step 126.9 ms predicted vs 324.9 ms measured (-61%)',
     '2x2@1gbit-tp2dp2-dp-inner':
-        'blocks.0: comm 20.5 ms predicted vs 35.3 ms measured; blocks.1: comm 20.5 ms predicted vs 32.8 ms '
-        'measured; step 124.9 ms predicted vs 193.1 ms measured (-35%)',
+        'blocks.0: comm 13.3 ms predicted vs 30.3 ms measured; blocks.1: comm 13.3 ms predicted vs 30.3 ms '
+        'measured; step 74.2 ms predicted vs 153.2 ms measured (-52%)',
     '2x2@1gbit-tp2dp2-dp-inner+sp':
-        'blocks.0: comm 35.3 ms predicted vs 56.5 ms measured; blocks.0: R 2.92 predicted vs 1.25 measured; '
-        'blocks.1: comm 35.3 ms predicted vs 57.1 ms measured; blocks.1: R 2.92 predicted vs 1.46 measured; '
-        'step 157.1 ms predicted vs 285.3 ms measured (-45%)',
+        'blocks.0: comm 29.4 ms predicted vs 49.1 ms measured; blocks.0: R 3.38 predicted vs 1.21 measured; '
+        'blocks.1: comm 29.4 ms predicted vs 40.9 ms measured; blocks.1: R 3.38 predicted vs 1.16 measured; '
+        'step 112.6 ms predicted vs 300.2 ms measured (-62%)',
     '2x2@1gbit-tp4dp1-tp-inner':
-        'blocks.0: comm 75.4 ms predicted vs 153.7 ms measured; blocks.1: comm 75.4 ms predicted vs 144.3 ms '
-        'measured; step 275.7 ms predicted vs 450.8 ms measured (-39%)',
+        'blocks.0: comm 80.2 ms predicted vs 129.6 ms measured; blocks.0: R 6.43 predicted vs 3.88 measured; '
+        'blocks.1: comm 80.2 ms predicted vs 124.7 ms measured; blocks.1: R 6.43 predicted vs 3.85 measured; '
+        'step 267.8 ms predicted vs 435.2 ms measured (-38%)',
     '2x2@1gbit-tp4dp1-tp-inner+sp':
-        'blocks.0: comm 209.7 ms predicted vs 280.1 ms measured; blocks.0: R 13.45 predicted vs 2.33 '
-        'measured; blocks.1: R 13.45 predicted vs 2.26 measured; step 590.2 ms predicted vs 1049.7 ms '
-        'measured (-44%)',
+        'blocks.0: comm 216.8 ms predicted vs 302.2 ms measured; blocks.0: R 18.28 predicted vs 2.20 '
+        'measured; blocks.1: comm 216.8 ms predicted vs 303.6 ms measured; blocks.1: R 18.28 predicted vs '
+        '2.53 measured; step 591.0 ms predicted vs 1024.6 ms measured (-42%)',
     '2x2@300mbit-tp2dp2-tp-inner':
-        'blocks.0: comm 25.9 ms predicted vs 34.7 ms measured; blocks.0: R 2.51 predicted vs 1.44 measured; '
-        'blocks.1: comm 25.9 ms predicted vs 42.2 ms measured; blocks.1: R 2.51 predicted vs 1.72 measured; '
-        'step 266.9 ms predicted vs 365.6 ms measured (-27%)',
+        'blocks.0: comm 9.2 ms predicted vs 68.5 ms measured; blocks.0: R 1.05 predicted vs 2.30 measured; '
+        'blocks.1: comm 9.2 ms predicted vs 59.7 ms measured; blocks.1: R 1.05 predicted vs 2.26 measured; '
+        'step 208.0 ms predicted vs 408.7 ms measured (-49%)',
     '2x2@300mbit-tp2dp2-tp-inner+sp':
-        'blocks.0: comm 57.5 ms predicted vs 82.2 ms measured; blocks.0: R 5.99 predicted vs 1.72 measured; '
-        'blocks.1: R 5.99 predicted vs 1.38 measured; step 325.4 ms predicted vs 432.6 ms measured (-25%)',
+        'blocks.0: comm 21.2 ms predicted vs 60.5 ms measured; blocks.0: R 2.49 predicted vs 1.26 measured; '
+        'blocks.1: comm 21.2 ms predicted vs 66.8 ms measured; blocks.1: R 2.49 predicted vs 1.33 measured; '
+        'step 230.8 ms predicted vs 589.1 ms measured (-61%)',
     '2x2@300mbit-tp2dp2-dp-inner':
-        'blocks.0: R 3.66 predicted vs 1.48 measured; blocks.1: R 3.66 predicted vs 1.57 measured',
+        'blocks.0: R 4.03 predicted vs 1.82 measured; blocks.1: R 4.03 predicted vs 1.81 measured; step 131.9'
+        ' ms predicted vs 203.8 ms measured (-35%)',
     '2x2@300mbit-tp2dp2-dp-inner+sp':
-        'blocks.0: comm 73.6 ms predicted vs 38.9 ms measured; blocks.0: R 7.67 predicted vs 1.36 measured; '
-        'blocks.1: comm 73.6 ms predicted vs 40.8 ms measured; blocks.1: R 7.67 predicted vs 1.31 measured',
+        'blocks.0: comm 52.3 ms predicted vs 89.9 ms measured; blocks.0: R 6.13 predicted vs 1.61 measured; '
+        'blocks.1: comm 52.3 ms predicted vs 103.7 ms measured; blocks.1: R 6.13 predicted vs 1.87 measured; '
+        'step 171.5 ms predicted vs 365.2 ms measured (-53%)',
     '2x2@300mbit-tp4dp1-tp-inner':
-        'blocks.0: R 8.54 predicted vs 3.89 measured; blocks.1: R 8.54 predicted vs 3.67 measured',
+        'blocks.0: comm 261.4 ms predicted vs 156.1 ms measured; blocks.0: R 20.56 predicted vs 4.14 '
+        'measured; blocks.1: comm 261.4 ms predicted vs 145.6 ms measured; blocks.1: R 20.56 predicted vs '
+        '3.97 measured; step 794.1 ms predicted vs 977.3 ms measured (-19%)',
     '2x2@300mbit-tp4dp1-tp-inner+sp':
-        'blocks.0: R 16.02 predicted vs 2.14 measured; blocks.1: R 16.02 predicted vs 2.38 measured; step '
-        '604.1 ms predicted vs 947.2 ms measured (-36%)',
+        'blocks.0: comm 452.7 ms predicted vs 267.2 ms measured; blocks.0: R 37.46 predicted vs 2.28 '
+        'measured; blocks.1: comm 452.7 ms predicted vs 272.2 ms measured; blocks.1: R 37.46 predicted vs '
+        '2.29 measured; step 1217.5 ms predicted vs 1048.1 ms measured (+16%)',
+    '2x2@100mbit-tp1dp4-tp-inner':
+        'step 740.0 ms predicted vs 1049.1 ms measured (-29%)',
     '2x2@100mbit-tp2dp2-tp-inner':
-        'blocks.0: comm 8.5 ms predicted vs 27.3 ms measured; blocks.0: R 0.77 predicted vs 1.27 measured; '
-        'blocks.1: comm 8.5 ms predicted vs 32.6 ms measured; blocks.1: R 0.77 predicted vs 1.71 measured; '
-        'step 654.7 ms predicted vs 855.9 ms measured (-24%)',
+        'blocks.0: comm 7.9 ms predicted vs 39.9 ms measured; blocks.0: R 0.93 predicted vs 1.88 measured; '
+        'blocks.1: comm 7.9 ms predicted vs 34.4 ms measured; blocks.1: R 0.93 predicted vs 1.53 measured; '
+        'step 592.9 ms predicted vs 1098.3 ms measured (-46%)',
     '2x2@100mbit-tp2dp2-tp-inner+sp':
-        'blocks.0: comm 26.2 ms predicted vs 52.5 ms measured; blocks.0: R 2.48 predicted vs 1.10 measured; '
-        'blocks.1: comm 26.2 ms predicted vs 50.0 ms measured; blocks.1: R 2.48 predicted vs 1.16 measured; '
-        'step 688.6 ms predicted vs 935.0 ms measured (-26%)',
+        'blocks.0: comm 20.1 ms predicted vs 54.8 ms measured; blocks.0: R 2.41 predicted vs 1.26 measured; '
+        'blocks.1: comm 20.1 ms predicted vs 62.6 ms measured; blocks.1: R 2.41 predicted vs 1.35 measured; '
+        'step 616.5 ms predicted vs 948.4 ms measured (-35%)',
     '2x2@100mbit-tp2dp2-dp-inner':
-        'blocks.0: comm 90.7 ms predicted vs 61.9 ms measured; blocks.0: R 8.21 predicted vs 2.58 measured; '
-        'blocks.1: comm 90.7 ms predicted vs 65.2 ms measured; blocks.1: R 8.21 predicted vs 2.78 measured',
+        'blocks.0: R 10.55 predicted vs 2.49 measured; blocks.1: comm 90.1 ms predicted vs 61.4 ms measured; '
+        'blocks.1: R 10.55 predicted vs 2.30 measured',
     '2x2@100mbit-tp2dp2-dp-inner+sp':
-        'blocks.0: comm 142.5 ms predicted vs 93.0 ms measured; blocks.0: R 13.48 predicted vs 1.89 measured;'
-        ' blocks.1: comm 142.5 ms predicted vs 99.7 ms measured; blocks.1: R 13.48 predicted vs 1.95 measured',
+        'blocks.0: R 14.52 predicted vs 2.32 measured; blocks.1: R 14.52 predicted vs 2.14 measured; step '
+        '342.8 ms predicted vs 553.3 ms measured (-38%)',
     '2x2@100mbit-tp4dp1-tp-inner':
-        'blocks.0: comm 171.1 ms predicted vs 130.6 ms measured; blocks.0: R 11.51 predicted vs 3.26 '
-        'measured; blocks.1: comm 171.1 ms predicted vs 123.8 ms measured; blocks.1: R 11.51 predicted vs '
-        '3.27 measured',
+        'blocks.0: R 16.15 predicted vs 2.93 measured; blocks.1: R 16.15 predicted vs 2.65 measured; step '
+        '570.9 ms predicted vs 748.0 ms measured (-24%)',
     '2x2@100mbit-tp4dp1-tp-inner+sp':
-        'blocks.0: comm 333.4 ms predicted vs 249.4 ms measured; blocks.0: R 24.81 predicted vs 2.47 '
-        'measured; blocks.1: R 24.81 predicted vs 2.53 measured',
+        'blocks.0: comm 401.5 ms predicted vs 294.2 ms measured; blocks.0: R 34.45 predicted vs 2.39 '
+        'measured; blocks.1: comm 401.5 ms predicted vs 304.5 ms measured; blocks.1: R 34.45 predicted vs '
+        '2.31 measured',
 }
 # fmt: on
 
