@@ -20,7 +20,7 @@ Workload: shardwise GPT, h={hidden}, {layers} layers, {heads} heads, vocab {voca
 {global_batch} sequences per step in micro-batches of {micro_batch}, fp32, Adam, dp through DDP (wrap_ddp,
 25 MiB buckets); gloo, one thread per rank, all ranks on this machine's {cores} cores (nodes are network
 namespaces, so the 2x2 scenario runs 4 ranks on {cores} cores). Each (scenario, rate) is one torchrun job across
-the lab's nodes: a quick `calibrate_here` first, then every layout; the model predicts each layout from that
+the lab's nodes: `calibrate_here` ({cal_mode}) first, then every layout; the model predicts each layout from that
 calibration alone. Step = median over {steps} steps of the max over ranks (no barrier inside a step).
 Per block: measured comm = the profiler's collective time inside the block (it includes waiting for the slower
 rank, as a blocking gloo call does), compute = the block's forward+backward span minus that, R = comm / compute.
@@ -40,7 +40,8 @@ def fmt_rate(b) -> str:
 def write_report(record: dict, png: Path, md: Path, json_name: str | None = None) -> None:
     tol = record["tolerances"]
     lines = [INTRO.format(json=json_name or "bench/results/planner-<date>.json", **record["workload"],
-                          cores=record["cores"], steps=record["steps"], step=tol["step"], comm=tol["comm_and_R"],
+                          cores=record["cores"], steps=record["steps"], step=tol["step"],
+                          cal_mode=record.get("calibration_mode", "quick"), comm=tol["comm_and_R"],
                           pick=tol["pick"], cross=tol["crossover"],
                           load_before=" / ".join(f"{x:.2f}" for x in record["load_before"]),
                           load_after=" / ".join(f"{x:.2f}" for x in record["load_after"]),
