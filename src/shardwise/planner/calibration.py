@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 import shardwise
 
+from . import calibration_kernels as kernels
 from . import calibration_measure as measure
 from .calibration_groups import check_plan, layout_from_env, plans
 
@@ -235,6 +236,9 @@ def calibrate_here(mesh=None, quick: bool = False, max_bytes: int = 64 * 2**20, 
     dist.all_gather_object(mem, measure.memory_ops(quick))
     over = [None] * world
     dist.all_gather_object(over, measure.op_overheads(quick))
+    kern = [None] * world
+    dist.barrier()
+    dist.all_gather_object(kern, kernels.measure_all(quick))  # attention core, element-wise kinds, per-op costs
     skews = []
     for shape in SKEW_SHAPES[quick]:  # a short and a long compute segment: is the wait a constant or a share?
         skews.append([None] * world)
@@ -267,6 +271,7 @@ def calibrate_here(mesh=None, quick: bool = False, max_bytes: int = 64 * 2**20, 
         "op_overhead_s": statistics.median(o[0] for o in over),
         "autograd_node_s": statistics.median(o[1] for o in over),
         "rank_skew": _skew_line(skew_points),
+        **kernels.merge(kern),
         "elapsed_s": {"collectives": t_comm - began, "total": time.perf_counter() - began},
     }  # fmt: skip
 

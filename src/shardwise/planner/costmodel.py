@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 from .hardware import OPS, GroupSpan, Hardware, Link, link_from_fit, measured_hardware, ring_steps
 from .profiles import HARDWARE, from_calibration
-from .schedule import ddp_sync, optimizer_time, phase_times
+from .schedule import ddp_sync, grad_accumulate_time, optimizer_time, phase_times
 from .topology import PLACEMENTS, span
 from .workload import (
     PRESETS,
@@ -31,7 +31,9 @@ from .workload import (
     layer_ops,
     local_sizes,
     param_tensors_per_rank,
+    params_per_layer,
     params_per_rank,
+    tensors_per_layer,
 )
 
 RECOMPUTE = ("none", "selective", "full")
@@ -103,16 +105,20 @@ def predict(cfg: ModelConfig, hw: Hardware, tp: int, devices: int | None = None,
     if recompute == "selective" and not cfg.flash_attention:
         rec_compute = layer.attn_core_fwd
     rec_comm = layer.fwd_comm if recompute == "full" else 0.0
-    compute = layer.compute + rec_compute
-    comm = layer.comm + rec_comm
-    exposed = comm - layer.hidden
-    edge_exposed = edge.comm - edge.hidden
-    micro = cfg.layers * (compute + exposed) + edge.compute + edge_exposed
-
     if micro_batches is not None:
         global_batch = micro_batches * dp * cfg.micro_batch
     global_batch = global_batch or devices * cfg.micro_batch  # fixed across layouts, as v1
     micro_steps = max(1, math.ceil(global_batch / (dp * cfg.micro_batch)))
+
+    # gradient accumulation: every micro-batch after the first adds its grads into .grad (AccumulateGrad's
+    # add_, measured "add" rate); averaged over the micro-batches
+    accumulate = (micro_steps - 1) / micro_steps * grad_accumulate_time(hw, params_per_layer(cfg, tp),
+                                                                        tensors_per_layer(cfg))  # fmt: skip
+    compute = layer.compute + rec_compute + accumulate
+    comm = layer.comm + rec_comm
+    exposed = comm - layer.hidden
+    edge_exposed = edge.comm - edge.hidden
+    micro = cfg.layers * (compute + exposed) + edge.compute + edge_exposed
 
     # grads in backward order: head's norm, then each layer's, the tied embedding's last
     P = params_per_rank(cfg, tp)

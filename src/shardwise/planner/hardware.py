@@ -84,6 +84,12 @@ class Hardware:
     bwd_op_overhead_s: float | None = None  # one autograd node in backward (None: op_overhead_s)
     skew_per_compute: float = 0.0  # wait at a blocking collective per second of compute before it (rank skew)
     inter_name: str = "inter-node link"
+    # measured CPU kernels (calibration_kernels.py); None/0: element-wise work by bytes at memory_bandwidth
+    kernels: dict | None = field(default=None, compare=False, repr=False)  # kind -> {"fwd"|"bwd": [alpha, s/elem]}
+    attention: Callable | None = field(default=None, compare=False, repr=False)  # (s, d, units, phase) -> s
+    aten_op_s: float = 0.0  # one aten op's dispatch (views, transposes, small ops), forward or backward
+    autograd_node_s: float = 0.0  # the engine's cost of one autograd node beyond the aten ops it runs
+    accumulate_grad_s: float = 0.0  # one AccumulateGrad into a fresh .grad (per parameter tensor)
 
     # ---- v1 API -------------------------------------------------------------------------------------
     def link(self, op: str, ranks_span_nodes: bool) -> Link:
@@ -116,6 +122,21 @@ class Hardware:
             return 0.0  # v1 hardware: element-wise work was not modelled
         per_op = self.bwd_op_overhead_s if phase == "bwd" and self.bwd_op_overhead_s is not None else self.op_overhead_s
         return nbytes / self.memory_bandwidth + ops * per_op
+
+    def kernel_time(self, kind: str, elements: float, phase: str = "fwd") -> float | None:
+        """Seconds of one measured element-wise `kind` op over `elements` elements, None when not measured."""
+        if not self.kernels or kind not in self.kernels or elements <= 0:
+            return None
+        alpha, beta = self.kernels[kind][phase]
+        return alpha + beta * elements
+
+    def glue_time(self, aten_ops: float, nodes: float = 0.0, tensors: float = 0.0) -> float:
+        """The dispatch cost of ops no measured kernel covers (views, transposes, small ops), autograd nodes
+        and AccumulateGrad per parameter tensor; 0 without measured kernels (GPU profiles: launches are in
+        op_overhead_s, views launch nothing)."""
+        if not self.kernels:
+            return 0.0
+        return aten_ops * self.aten_op_s + nodes * self.autograd_node_s + tensors * self.accumulate_grad_s
 
     # ---- communication --------------------------------------------------------------------------------
     def collective(self, op: str, nbytes: float, span: GroupSpan) -> float:

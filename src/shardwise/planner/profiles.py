@@ -111,6 +111,12 @@ def from_calibration(path_or_dict) -> Hardware:
         return Link(link.latency_s, link.bandwidth * (f.get("concurrent_groups", 1) if klass == "inter" else 1))
 
     rate = cal.get("link_rate") or "unshaped"
+    over = cal.get("overhead") or {}
+    attention = None
+    if (cal.get("attention") or {}).get("points"):
+        from .calibration_kernels import attention_time
+
+        attention = lambda s, d, units, phase: attention_time(cal, s, d, units, phase)  # noqa: E731
     return Hardware(
         f"calibrated:{cal.get('host', 'here')}", flops, cal.get("memory_bytes", 16 * 2**30),
         cal.get("procs_per_node", cal.get("world", 2)), rep("intra"), rep("inter"),
@@ -120,7 +126,9 @@ def from_calibration(path_or_dict) -> Hardware:
         bwd_op_overhead_s=cal.get("autograd_node_s"),
         skew_per_compute=(cal.get("rank_skew") or {}).get("wait_per_compute_s", 0.0) if gloo else 0.0,
         gemm=_gemm_fn(cal) if points else None, fits=fits, can_overlap=not gloo, comm_uses_compute_cores=gloo,
-        intra_name="loopback (same node)", inter_name=f"node link ({rate})",
+        intra_name="loopback (same node)", inter_name=f"node link ({rate})", kernels=cal.get("kernels"),
+        attention=attention, aten_op_s=over.get("aten_op_s", 0.0), autograd_node_s=over.get("autograd_node_s", 0.0),
+        accumulate_grad_s=over.get("accumulate_grad_s", 0.0),
     )  # fmt: skip
 
 

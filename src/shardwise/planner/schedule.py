@@ -54,12 +54,34 @@ def _attention(hw: Hardware, cfg: ModelConfig, op: Op) -> tuple[float, float]:
     (half the QK^T and AV FLOPs) and its backward runs 5 matmuls (S recomputed, dV, dP, dQ, dK) for the
     forward's 2; with scores kept, the full matmuls plus softmax passes over [b, heads, s, s]."""
     s, d, b = op.m, op.k, op.batch
+    if cfg.flash_attention and hw.attention is not None:  # measured fused causal SDPA (CPU calibration)
+        return hw.attention(s, d, b, "fwd"), hw.attention(s, d, b, "bwd")
     matmuls = hw.gemm_time(s, d, s, "fwd", b) + hw.gemm_time(s, s, d, "fwd", b)
     if cfg.flash_attention:
         fwd = 0.5 * matmuls + hw.elementwise_time(0, 1)
         return fwd, 2.5 * fwd
     scores = b * s * s * cfg.dtype_bytes
     return matmuls + hw.elementwise_time(5 * scores, 3), 2 * matmuls + hw.elementwise_time(3 * scores, 2)
+
+
+def _elementwise(hw: Hardware, op: Op) -> tuple[float, float]:
+    """(fwd, bwd) seconds of an element-wise op: by its measured kind's rate when the calibration has it
+    (compute-bound erf / rsqrt / sin-cos and the kernel's own dispatch included), else bytes at memory
+    bandwidth; with measured kernels the per-op dispatch of unmeasured ops is in the layer's glue op."""
+    glue = bool(hw.kernels)
+    specs = {"fwd": f"{op.ew_kind}:fwd" if op.ew_kind else "-",
+             "bwd": op.bwd_kind or (f"{op.ew_kind}:bwd" if op.ew_kind else "-")}  # fmt: skip
+    out = []
+    for phase, nbytes, ops in (("fwd", op.fwd_bytes, op.fwd_ops), ("bwd", op.bwd_bytes, op.bwd_ops)):
+        if not nbytes and not ops:
+            out.append(0.0)  # nothing in this phase
+            continue
+        kind, _, rate = specs[phase].partition(":")
+        t = None if kind == "-" else hw.kernel_time(kind, op.elems, rate)
+        if t is None:
+            t = hw.elementwise_time(nbytes, 0 if glue else ops, phase)
+        out.append(t)
+    return out[0], out[1]
 
 
 def phase_times(ops: list[Op], cfg: ModelConfig, hw: Hardware, tp_span: GroupSpan, overlap: bool) -> PhaseTimes:
@@ -78,8 +100,12 @@ def phase_times(ops: list[Op], cfg: ModelConfig, hw: Hardware, tp_span: GroupSpa
             out.bwd_compute += bwd
             out.attn_core_fwd += fwd
         elif op.kind == "ew":
-            out.fwd_compute += hw.elementwise_time(op.fwd_bytes, op.fwd_ops)
-            out.bwd_compute += hw.elementwise_time(op.bwd_bytes, op.bwd_ops, "bwd")
+            fwd, bwd = _elementwise(hw, op)
+            out.fwd_compute += fwd
+            out.bwd_compute += bwd
+        elif op.kind == "glue":  # untimed aten ops and autograd nodes (counted in workload.py)
+            out.fwd_compute += hw.glue_time(op.fwd_ops)
+            out.bwd_compute += hw.glue_time(op.bwd_ops, op.nodes, op.tensors)
         else:
             t = hw.collective(op.op, op.nbytes, tp_span)
             if op.phase == "fwd":
@@ -138,6 +164,15 @@ def ddp_sync(hw: Hardware, dp_span: GroupSpan, ready: list[tuple[float, float]],
     return DpSync(comm, waited + stretch, len(buckets), hidden)
 
 
+def grad_accumulate_time(hw: Hardware, params: float, tensors: int) -> float:
+    """AccumulateGrad adding one micro-batch's grads into existing .grad tensors: an add_ per tensor at the
+    measured "add" rate (0 without measured kernels: not modelled there)."""
+    if not hw.kernels or "add" not in hw.kernels:
+        return 0.0
+    alpha, beta = hw.kernels["add"]["fwd"]
+    return tensors * alpha + beta * params
+
+
 def optimizer_time(hw: Hardware, params: float, tensors: int, dtype_bytes: int) -> float:
     """Adam's step over `params` parameters in `tensors` tensors, at memory bandwidth. Fused (GPU): one pass
     reading param, grad, m, v and writing param, m, v (plus the fp32 master when training in 16-bit). torch's
@@ -151,4 +186,5 @@ def optimizer_time(hw: Hardware, params: float, tensors: int, dtype_bytes: int) 
     return hw.elementwise_time(19 * 4 * params, 10 * tensors)
 
 
-__all__ = ["DpSync", "FIRST_BUCKET_BYTES", "PhaseTimes", "ddp_sync", "optimizer_time", "phase_times"]
+__all__ = ["DpSync", "FIRST_BUCKET_BYTES", "PhaseTimes", "ddp_sync", "grad_accumulate_time", "optimizer_time",
+           "phase_times"]  # fmt: skip

@@ -136,6 +136,24 @@ class Op:
     phase: str = "fwd"
     hideable: bool = False
     hides: bool = False
+    ew_kind: str = ""  # a measured element-wise kind (calibration_kernels.KINDS) timing this op, per element
+    elems: float = 0.0  # elements one call of that kind works on
+    bwd_kind: str = ""  # "kind:phase" timing the backward instead of ew_kind's own ("-": by bytes)
+    nodes: int = 0  # 'glue': autograd nodes no measured kernel covers
+    tensors: int = 0  # 'glue': parameter tensors (one AccumulateGrad each in backward)
+
+
+# Dispatch the measured kernels do not cover, per rank and micro-batch, counted once with torch.profiler
+# (torch 2.13, CPU, shardwise GPT h=256, 8 heads, s=64, b=1, GELU, LayerNorm, biases, rotary) at tp=1 and tp=2:
+# every aten:: event (nested ones included, as calibration_kernels.overheads counts them) that does not descend
+# from a measured root (aten::linear / matmul: the GEMM grid; scaled_dot_product_attention; layer_norm,
+# rms_norm, gelu, silu, mul; in backward the nodes AddmmBackward0, MmBackward0, the SDPA, GELU, SiLU, Mul and
+# LayerNorm backwards), and every autograd node outside them (AccumulateGrad apart). Per block: GPT with 2
+# layers minus GPT with 1, less rotary's own ops (the "rotary" kernel times the whole function); edges
+# (embedding, final norm, head, vocab-parallel cross-entropy): 2 x GPT(1 layer) - GPT(2 layers). SwiGLU and
+# RMSNorm add only ops their kernels cover. tp > 2: the tp=2 counts (the same wrappers). (fwd ops, bwd ops, nodes)
+BLOCK_GLUE = {1: (15, 76, 28), 2: (21, 88, 34)}
+EDGE_GLUE = {1: (212, 48, 7), 2: (269, 74, 13)}
 
 
 @dataclass(frozen=True)
@@ -164,7 +182,8 @@ def local_sizes(cfg: ModelConfig, tp: int, sequence_parallel: bool) -> Local:
 def _norm(cfg: ModelConfig, part: str, t: int, sp: bool, tp: int) -> list[Op]:
     e, h = cfg.dtype_bytes, cfg.hidden
     # fwd: read x, write y (stats are [t]); bwd: read dy and x, write dx, reduce dy * xhat into dw (and db)
-    ops = [Op(part, "ew", fwd_bytes=2 * t * h * e, bwd_bytes=4 * t * h * e, fwd_ops=1, bwd_ops=3)]
+    ops = [Op(part, "ew", fwd_bytes=2 * t * h * e, bwd_bytes=4 * t * h * e, fwd_ops=1, bwd_ops=3,
+              ew_kind="rms_norm" if cfg.rmsnorm else "layer_norm", elems=t * h)]  # fmt: skip
     if sp and tp > 1:  # copy_params_to_tp: the replicated weight (+ bias) grads summed over tp, one all-reduce
         ops.append(Op(part, "coll", op="all_reduce", nbytes=(1 if cfg.rmsnorm else 2) * h * e, phase="bwd"))
     return ops
@@ -191,7 +210,8 @@ def _exit(cfg: ModelConfig, part: str, L: Local, sp: bool, tp: int) -> list[Op]:
     if sp:
         ops.append(Op(part, "coll", op="all_gather", nbytes=nbytes, phase="bwd"))
     if cfg.bias:  # y + bias: read 2 write 1; bwd: bias grad = sum of dy over tokens
-        ops.append(Op(part, "ew", fwd_bytes=3 * t * h * e, bwd_bytes=t * h * e, fwd_ops=1, bwd_ops=1))
+        ops.append(Op(part, "ew", fwd_bytes=3 * t * h * e, bwd_bytes=t * h * e, fwd_ops=1, bwd_ops=1, ew_kind="add",
+                      elems=t * h, bwd_kind="-"))  # fmt: skip
         if sp:
             ops.append(Op(part, "coll", op="all_reduce", nbytes=h * e, phase="bwd"))
     return ops
@@ -201,9 +221,11 @@ def _residual(cfg: ModelConfig, part: str, t: int) -> list[Op]:
     e, h = cfg.dtype_bytes, cfg.hidden
     ops = []
     if cfg.dropout > 0:  # mask drawn and applied: x * keep / (1 - p); bwd: dy * keep / (1 - p)
-        ops.append(Op(part, "ew", fwd_bytes=4 * t * h * e, bwd_bytes=3 * t * h * e, fwd_ops=3, bwd_ops=2))
+        ops.append(Op(part, "ew", fwd_bytes=4 * t * h * e, bwd_bytes=3 * t * h * e, fwd_ops=3, bwd_ops=2,
+                      ew_kind="dropout", elems=t * h))  # fmt: skip
     # x + f(x): read 2 write 1; bwd: autograd adds the residual grad to the branch's grad (read 2 write 1)
-    ops.append(Op(part, "ew", fwd_bytes=3 * t * h * e, bwd_bytes=3 * t * h * e, fwd_ops=1, bwd_ops=1))
+    ops.append(Op(part, "ew", fwd_bytes=3 * t * h * e, bwd_bytes=3 * t * h * e, fwd_ops=1, bwd_ops=1, ew_kind="add",
+                  elems=t * h, bwd_kind="add:fwd"))  # fmt: skip
     return ops
 
 
@@ -226,7 +248,7 @@ def layer_ops(cfg: ModelConfig, tp: int, sequence_parallel: bool = False) -> lis
     if cfg.rope:  # x*cos + cat(-x2, x1)*sin: mul 2, neg 1, cat 2, mul 2, add 3 units; cos/sin tables ~10 small ops
         for width in (qd, kvd):
             ops.append(Op("attn", "ew", fwd_bytes=10 * T * width * e, bwd_bytes=8 * T * width * e, fwd_ops=5,
-                          bwd_ops=5))  # fmt: skip
+                          bwd_ops=5, ew_kind="rotary", elems=T * width))  # fmt: skip
         ops.append(Op("attn", "ew", fwd_ops=10))
     if L.kv_repeat:  # repeat_interleave / index_select of k and v to the q heads; bwd sums them back
         ops.append(Op("attn", "ew", fwd_bytes=2 * T * (kvd + qd) * e, bwd_bytes=2 * T * (kvd + qd) * e, fwd_ops=2,
@@ -244,12 +266,15 @@ def layer_ops(cfg: ModelConfig, tp: int, sequence_parallel: bool = False) -> lis
         ops.append(Op("mlp", "ew", bwd_bytes=bias_grad(f), bwd_ops=1 if cfg.bias else 0))
     if cfg.swiglu:  # silu(gate) * up: 2 + 3 units; bwd: mul's two grads 5, silu's 3; gate/up dx summed: 3
         ops.append(Op("mlp", "ew", fwd_bytes=5 * T * f * e, bwd_bytes=8 * T * f * e + 3 * T * h * e, fwd_ops=2,
-                      bwd_ops=3))  # fmt: skip
+                      bwd_ops=3, ew_kind="silu_mul", elems=T * f))  # fmt: skip
     else:  # gelu: read x write y; bwd: read dy, x, write dx
-        ops.append(Op("mlp", "ew", fwd_bytes=2 * T * f * e, bwd_bytes=3 * T * f * e, fwd_ops=1, bwd_ops=1))
+        ops.append(Op("mlp", "ew", fwd_bytes=2 * T * f * e, bwd_bytes=3 * T * f * e, fwd_ops=1, bwd_ops=1,
+                      ew_kind="gelu", elems=T * f))  # fmt: skip
     ops.append(Op("mlp", "gemm", m=T, k=f, n=h))
     if cfg.bias and tp == 1:
         ops.append(Op("mlp", "ew", bwd_bytes=bias_grad(h), bwd_ops=1))
+    glue = BLOCK_GLUE[min(tp, 2)]
+    ops.append(Op("mlp", "glue", fwd_ops=glue[0], bwd_ops=glue[1], nodes=glue[2], tensors=tensors_per_layer(cfg)))
     return ops + _exit(cfg, "mlp", L, sp, tp) + _residual(cfg, "mlp", t)
 
 
@@ -275,31 +300,47 @@ def edge_ops(cfg: ModelConfig, tp: int, sequence_parallel: bool = False) -> list
     fp32 = 0 if e == 4 else 2  # logits.float()
     # amax 1, subtract max 2, exp 2, sum 1, softmax divide 2 units of [T, V/tp] fp32; bwd: scatter, mul 2
     ops.append(Op("head", "ew", fwd_bytes=(8 + fp32) * T * V * 4, bwd_bytes=(2 + fp32) * T * V * 4, fwd_ops=25,
-                  bwd_ops=6))  # fmt: skip
+                  bwd_ops=6, ew_kind="log_softmax", elems=T * V))  # fmt: skip
+    glue = EDGE_GLUE[min(tp, 2)]
+    norm_tensors = 1 if cfg.rmsnorm else 2
+    ops.append(Op("head", "glue", fwd_ops=glue[0], bwd_ops=glue[1], nodes=glue[2], tensors=1 + norm_tensors))
     if tp > 1:
         ops.append(Op("head", "coll", op="all_reduce", nbytes=(T + 3 + 2 * tp) * 4, phase="fwd"))  # MAX
         ops.append(Op("head", "coll", op="all_reduce", nbytes=2 * T * 4, phase="fwd"))  # target logit, sum exp
     return ops
 
 
-def params_per_rank(cfg: ModelConfig, tp: int) -> float:
-    """Parameters one rank holds: sharded weights / tp, replicated norms and row biases whole, kv heads shared
-    under GQA held by each rank that reads them."""
+def params_per_layer(cfg: ModelConfig, tp: int) -> float:
+    """Parameters of one layer on one rank (params_per_rank's per-layer part)."""
     L = local_sizes(cfg, tp, False)
     h, d = cfg.hidden, cfg.head_dim
     col = h * (L.q + 2 * L.kv) * d + h * L.ffn * (2 if cfg.swiglu else 1)
-    row = L.q * d * h + L.ffn * h
     norms = (1 if cfg.rmsnorm else 2) * 2 * h
     biases = ((L.q + 2 * L.kv) * d + L.ffn * (2 if cfg.swiglu else 1) + 2 * h) if cfg.bias else 0
-    return cfg.layers * (col + row + norms + biases) + L.vocab * h + (1 if cfg.rmsnorm else 2) * h
+    return col + L.q * d * h + L.ffn * h + norms + biases
+
+
+def params_per_rank(cfg: ModelConfig, tp: int) -> float:
+    """Parameters one rank holds: sharded weights / tp, replicated norms and row biases whole, kv heads shared
+    under GQA held by each rank that reads them."""
+    return (
+        cfg.layers * params_per_layer(cfg, tp)
+        + math.ceil(cfg.vocab / tp) * cfg.hidden
+        + (1 if cfg.rmsnorm else 2) * cfg.hidden
+    )
+
+
+def tensors_per_layer(cfg: ModelConfig) -> int:
+    """Parameter tensors of one layer: projections, norms, biases."""
+    # q, k, v, o, up, down (+ gate) weights and as many biases (torch.profiler: 16 AccumulateGrad per GELU block)
+    return (7 if cfg.swiglu else 6) * (2 if cfg.bias else 1) + (2 if cfg.rmsnorm else 4)
 
 
 def param_tensors_per_rank(cfg: ModelConfig) -> int:
     """Parameter tensors (the optimizer's per-tensor loop runs over them)."""
-    per_layer = (6 if cfg.swiglu else 5) + (2 if cfg.rmsnorm else 4) + ((6 if cfg.swiglu else 5) if cfg.bias else 0)
-    return cfg.layers * per_layer + 1 + (1 if cfg.rmsnorm else 2)
+    return cfg.layers * tensors_per_layer(cfg) + 1 + (1 if cfg.rmsnorm else 2)
 
 
 __all__ = ["PRESETS", "Local", "ModelConfig", "Op", "activation_bytes_per_layer", "block_config", "edge_ops",
            "gpt_config", "heads_feasible", "layer_flops", "layer_ops", "local_sizes", "param_tensors_per_rank",
-           "params_per_rank"]  # fmt: skip
+           "params_per_layer", "params_per_rank", "tensors_per_layer"]  # fmt: skip
