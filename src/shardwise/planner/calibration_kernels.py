@@ -8,7 +8,8 @@ issues ~100 tiny aten ops (views, transposes) and ~30 autograd nodes per micro-b
 Stored in the calibration as:
   "attention": {"points": [{"s", "d", "fwd": [alpha_s, s_per_unit], "bwd": [...], "linearity": t8 / (8 t1)}]}
       one unit = one (batch x head) sequence of causal F.scaled_dot_product_attention at [s, d];
-  "kernels": {kind: {"fwd": [alpha_s, s_per_elem], "bwd": [alpha_s, s_per_elem], "points": [...]}};
+  "kernels": {kind: {"fwd": [alpha_s, s_per_elem], "bwd": [alpha_s, s_per_elem], "points": [...]}} (and
+      "accumulate": a cold .grad.add_, for gradient accumulation);
   "overhead": {"aten_op_s": ..., "autograd_node_s": ..., "accumulate_grad_s": ...}.
 """
 
@@ -123,6 +124,24 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
+def accumulate_rate(quick: bool) -> dict:
+    """Gradient accumulation: .grad.add_(new grad) per parameter tensor, cold (the step's parameters, grads
+    and optimizer state are far bigger than the caches): buffers rotated over a 64 MiB (quick: 8 MiB) set."""
+    pts = []
+    for numel in (256 * 256, 256 * 1024) if not quick else (4096, 65536):
+        count = max(2, (8 if quick else 64) * 2**20 // (8 * numel))
+        pairs = [(torch.randn(numel), torch.randn(numel)) for _ in range(count)]
+        times = []
+        for i in range(3 * count if not quick else count):
+            a, b = pairs[i % count]
+            t0 = time.perf_counter()
+            a.add_(b)
+            times.append(time.perf_counter() - t0)
+        pts.append([numel, statistics.median(times[count // 2 :]), 0.0])
+    rate = fit_per_element([(n, t) for n, t, _ in pts])
+    return {"fwd": rate, "bwd": rate, "points": pts}
+
+
 def attention_grid(quick: bool) -> list[dict]:
     """Causal SDPA fwd and bwd per (s, d), at 1 and 8 units (2 beyond s = 256: big), fitted alpha + per-unit."""
     s_axis, d_axis = QUICK_ATTN if quick else (ATTN_S, ATTN_D)
@@ -161,7 +180,6 @@ def overheads(quick: bool) -> dict:
             x = F.linear(x.view(2, 2, 8).transpose(0, 1).reshape(4, 8), w)
         return x.sum()
 
-    frozen = [w.detach() for w in ws]
     for w in ws:
         w.grad = None
     with profile() as p:
@@ -192,17 +210,40 @@ def overheads(quick: bool) -> dict:
 
     timed(ws)
     f, b = timed(ws)
-    _, b_frozen = timed(frozen)  # no weight grads: no dW GEMMs (tiny) and no AccumulateGrad on the weights
     op_s = f / fwd_ops
     node_s = max(b - bwd_ops * op_s, 0.0) / nodes
-    return {"aten_op_s": op_s, "autograd_node_s": node_s, "accumulate_grad_s": max((b - b_frozen) / links, 0.0),
+    return {"aten_op_s": op_s, "autograd_node_s": node_s, "accumulate_grad_s": _accumulate_grad_s(reps),
             "counts": {"fwd_ops": fwd_ops, "bwd_ops": bwd_ops, "bwd_nodes": nodes}}  # fmt: skip
+
+
+def _accumulate_grad_s(reps: int, leaves: int = 16) -> float:
+    """One AccumulateGrad into a fresh .grad: the backward of a sum of `leaves` small leaf tensors, all of them
+    requiring grad, minus the same sum where only the first does (the same Add nodes run in both)."""
+    ps = [torch.randn(8, requires_grad=True) for _ in range(leaves)]
+    frozen = ps[:1] + [p.detach() for p in ps[1:]]
+
+    def backward_s(tensors) -> float:
+        samples = []
+        for _ in range(reps):
+            for p in ps:
+                p.grad = None
+            y = tensors[0]
+            for t in tensors[1:]:
+                y = y + t
+            t0 = time.perf_counter()
+            y.sum().backward()
+            samples.append(time.perf_counter() - t0)
+        return min(statistics.median(samples[i::4]) for i in range(4))
+
+    backward_s(ps)
+    return max(backward_s(ps) - backward_s(frozen), 0.0) / (leaves - 1)
 
 
 def measure_all(quick: bool) -> dict:
     """This rank's attention grid, kernel rates and overheads (all ranks call it at once)."""
     attention = {"points": attention_grid(quick)}
-    return {"attention": attention, "kernels": kernel_rates(quick), "overhead": overheads(quick)}
+    kinds = kernel_rates(quick) | {"accumulate": accumulate_rate(quick)}
+    return {"attention": attention, "kernels": kinds, "overhead": overheads(quick)}
 
 
 def merge(per_rank: list[dict]) -> dict:

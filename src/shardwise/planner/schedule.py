@@ -166,10 +166,11 @@ def ddp_sync(hw: Hardware, dp_span: GroupSpan, ready: list[tuple[float, float]],
 
 def grad_accumulate_time(hw: Hardware, params: float, tensors: int) -> float:
     """AccumulateGrad adding one micro-batch's grads into existing .grad tensors: an add_ per tensor at the
-    measured "add" rate (0 without measured kernels: not modelled there)."""
-    if not hw.kernels or "add" not in hw.kernels:
+    measured cold "accumulate" rate ("add" in older files; 0 without measured kernels: not modelled there)."""
+    kind = next((k for k in ("accumulate", "add") if k in (hw.kernels or {})), None)
+    if kind is None:
         return 0.0
-    alpha, beta = hw.kernels["add"]["fwd"]
+    alpha, beta = hw.kernels[kind]["fwd"]
     return tensors * alpha + beta * params
 
 
