@@ -56,34 +56,33 @@ KINDS = {
 }
 
 
-def _median_s(fn, reps: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def _fwd_bwd(fn, inputs: list[torch.Tensor], reps: int, base: bool = True) -> tuple[float, float]:
-    """Median forward and backward seconds of fn(*inputs) (fresh grads each time). The backward minus that of
-    a view of the same output shape (base): .backward()'s own start-up, the ones_like seed and the leaf's
+def _fwd_bwd(fn, inputs: list[torch.Tensor], quick: bool, base: bool = True) -> tuple[float, float]:
+    """Forward and backward seconds per call of fn(*inputs) (fresh grads each time): calls repeated over a
+    window (30 ms; quick 3 ms) and averaged, the median of 3 windows. Averaging over a window, not the median
+    call: with more ranks than cores each call is short enough to run inside one scheduler slice at full speed,
+    and only the window shows the core shared with the other ranks (all busy at once). The backward is less
+    that of a view of the same shape (base): .backward()'s own start-up, the ones_like seed and the leaf's
     AccumulateGrad are paid once per step in training, not per op."""
     view = [torch.zeros_like(inputs[0], requires_grad=True)]
-    b0 = _fwd_bwd(lambda t: t.view(t.shape), view, reps, False)[1] if base else 0.0
+    b0 = _fwd_bwd(lambda t: t.view(t.shape), view, quick, False)[1] if base else 0.0
+    window = 0.003 if quick else 0.03
     fwd, bwd = [], []
-    for i in range(reps + 1):
-        for t in inputs:
-            t.grad = None
-        t0 = time.perf_counter()
-        y = fn(*inputs)
-        t1 = time.perf_counter()
-        y.backward(torch.ones_like(y))
-        t2 = time.perf_counter()
-        if i:
-            fwd.append(t1 - t0)
-            bwd.append(t2 - t1)
+    for w in range(4):  # the first window is warm-up
+        f = b = 0.0
+        calls = 0
+        while f + b < window or not calls:
+            for t in inputs:
+                t.grad = None
+            t0 = time.perf_counter()
+            y = fn(*inputs)
+            t1 = time.perf_counter()
+            y.backward(torch.ones_like(y))
+            b += time.perf_counter() - t1
+            f += t1 - t0
+            calls += 1
+        if w:
+            fwd.append(f / calls)
+            bwd.append(b / calls)
     return statistics.median(fwd), max(statistics.median(bwd) - b0, 0.0)
 
 
@@ -105,14 +104,13 @@ def fit_per_element(points: list[tuple[float, float]]) -> list[float]:
 
 def kernel_rates(quick: bool) -> dict:
     """kind -> {"fwd": [alpha, beta], "bwd": [alpha, beta], "points": [[elements, fwd_s, bwd_s], ...]}."""
-    reps = 3 if quick else 7
     out = {}
     for kind, (fn, n_in, width) in KINDS.items():
         pts = []
         for rows in KERNEL_ROWS[quick]:
             shape = (rows, 1, 8, 32) if kind == "rotary" else (rows, width)
             inputs = [torch.randn(shape, requires_grad=True) for _ in range(n_in)]
-            f, b = _fwd_bwd(fn, inputs, reps)
+            f, b = _fwd_bwd(fn, inputs, quick)
             pts.append([math.prod(shape), f, b])
         out[kind] = {"fwd": fit_per_element([(n, f) for n, f, _ in pts]),
                      "bwd": fit_per_element([(n, b) for n, _, b in pts]), "points": pts}  # fmt: skip
@@ -149,12 +147,11 @@ def attention_grid(quick: bool) -> list[dict]:
     for s in s_axis:
         for d in d_axis:
             big = 8 if s <= 256 else 2
-            reps = 2 if quick else max(2, min(7, int(2e8 / (s * s * d * big))))
             times = {}
             for units in (1, big):
                 # [s, b, heads, d] permuted to [b, heads, s, d], strided as nn/attention.py hands them over
                 qkv = [torch.randn(s, 1, units, d, requires_grad=True) for _ in range(3)]
-                times[units] = _fwd_bwd(_sdpa, qkv, reps)
+                times[units] = _fwd_bwd(_sdpa, qkv, quick)
             row = {"s": s, "d": d, "units": [1, big]}
             for i, phase in enumerate(("fwd", "bwd")):
                 t1, tb = times[1][i], times[big][i]
@@ -204,9 +201,7 @@ def overheads(quick: bool) -> dict:
             y.backward()
             fwd_s.append(t1 - t0)
             bwd_s.append(time.perf_counter() - t1)
-        return min(statistics.median(fwd_s[i::4]) for i in range(4)), min(
-            statistics.median(bwd_s[i::4]) for i in range(4)
-        )
+        return _window_mean(fwd_s), _window_mean(bwd_s)
 
     timed(ws)
     f, b = timed(ws)
@@ -214,6 +209,13 @@ def overheads(quick: bool) -> dict:
     node_s = max(b - bwd_ops * op_s, 0.0) / nodes
     return {"aten_op_s": op_s, "autograd_node_s": node_s, "accumulate_grad_s": _accumulate_grad_s(reps),
             "counts": {"fwd_ops": fwd_ops, "bwd_ops": bwd_ops, "bwd_nodes": nodes}}  # fmt: skip
+
+
+def _window_mean(samples: list[float]) -> float:
+    """The median over 4 consecutive windows of the mean call time in each (see _fwd_bwd: means over a window
+    see the core shared with oversubscribed ranks, single calls do not)."""
+    q = max(1, len(samples) // 4)
+    return statistics.median(statistics.fmean(samples[i : i + q]) for i in range(0, q * 4, q))
 
 
 def _accumulate_grad_s(reps: int, leaves: int = 16) -> float:
@@ -233,7 +235,7 @@ def _accumulate_grad_s(reps: int, leaves: int = 16) -> float:
             t0 = time.perf_counter()
             y.sum().backward()
             samples.append(time.perf_counter() - t0)
-        return min(statistics.median(samples[i::4]) for i in range(4))
+        return _window_mean(samples)
 
     backward_s(ps)
     return max(backward_s(ps) - backward_s(frozen), 0.0) / (leaves - 1)
