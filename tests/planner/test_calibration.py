@@ -182,3 +182,76 @@ def test_cli_parses_ranks_alias_and_refuses_bad_values(capsys):
             main(argv)
         assert exc.value.code == 2
     assert "--ranks must be >= 1" in capsys.readouterr().err
+
+
+# ---- measured CPU kernels (calibration_kernels.py) -------------------------------------------------------------
+
+
+def test_quick_run_measures_attention_kernels_and_overheads(cal):
+    from shardwise.planner.calibration_kernels import KINDS, QUICK_ATTN
+    from shardwise.planner.profiles import from_calibration
+
+    c, path = cal
+    assert set(c["kernels"]) == set(KINDS) | {"accumulate"}
+    for kind, k in c["kernels"].items():
+        for phase in ("fwd", "bwd"):
+            alpha, beta = k[phase]
+            assert alpha >= 0 and 0 <= beta < 1e-5, (kind, phase, k)
+        assert len(k["points"]) == 2 and all(n > 0 and f > 0 for n, f, _ in k["points"]), (kind, k["points"])
+    grid = {(p["s"], p["d"]) for p in c["attention"]["points"]}
+    assert grid == set(itertools.product(*QUICK_ATTN))
+    for p in c["attention"]["points"]:
+        assert all(p[ph][0] >= 0 and p[ph][1] > 0 for ph in ("fwd", "bwd")), p
+    over = c["overhead"]
+    assert 0 < over["aten_op_s"] < 1e-3 and over["autograd_node_s"] >= 0 and over["accumulate_grad_s"] >= 0
+    assert over["counts"]["fwd_ops"] > 8 and over["counts"]["bwd_nodes"] > 8  # the profiler counted the chain
+    hw = from_calibration(load_calibration(path))
+    assert hw.kernels is not None and hw.attention(64, 32, 4, "bwd") > 0 and hw.aten_op_s == over["aten_op_s"]
+
+
+def _attention_grid() -> dict:
+    """Hand-made [alpha, per-unit] per (s, d): alpha = 1e-5 * (s/64)^0.5, per-unit = 1e-6 * s^2 d / 64^2 / 32,
+    backward 2.5x (a power law: bilinear on logs is exact for it inside the grid)."""
+    pts = []
+    for s in (64, 256, 1024):
+        for d in (32, 128):
+            fwd = [1e-5 * (s / 64) ** 0.5, 1e-6 * s * s * d / (64 * 64 * 32)]
+            pts.append({"s": s, "d": d, "fwd": fwd, "bwd": [2.5 * v for v in fwd]})
+    return {"attention": {"points": pts}}
+
+
+def test_attention_time_exact_on_grid_log_bilinear_between_and_s2_beyond():
+    from shardwise.planner.calibration_kernels import attention_time
+
+    cal = _attention_grid()
+    for p in cal["attention"]["points"]:
+        for phase in ("fwd", "bwd"):
+            for units in (1, 8, 40):
+                expected = p[phase][0] + p[phase][1] * units
+                got = attention_time(cal, p["s"], p["d"], units, phase)
+                assert got == pytest.approx(expected, rel=1e-12)
+    # between grid points the power law comes back exactly (log-bilinear), independent of the brackets
+    for s, d in ((128, 64), (100, 50), (700, 100)):
+        expected = 1e-5 * (s / 64) ** 0.5 + 8 * 1e-6 * s * s * d / (64 * 64 * 32)
+        assert attention_time(cal, s, d, 8, "fwd") == pytest.approx(expected, rel=1e-9)
+    # beyond the grid: alpha clamped at the edge, per-unit scaled by the causal FLOPs s^2 d
+    edge = 1e-5 * (1024 / 64) ** 0.5
+    expected = edge + 3 * 1e-6 * 1024 * 1024 * 128 / (64 * 64 * 32) * (2048 / 1024) ** 2 * (256 / 128)
+    assert attention_time(cal, 2048, 256, 3, "fwd") == pytest.approx(expected, rel=1e-12)
+
+
+def test_fit_per_element_recovers_alpha_beta_and_never_goes_negative():
+    from shardwise.planner.calibration_kernels import fit_per_element
+
+    sizes = [2**10, 2**14, 2**18, 2**20]
+    alpha, beta = fit_per_element([(n, 3e-6 + 1.7e-9 * n) for n in sizes])
+    assert alpha == pytest.approx(3e-6, rel=1e-9) and beta == pytest.approx(1.7e-9, rel=1e-9)
+    rng = np.random.default_rng(2)
+    noisy = [(n, (3e-6 + 1.7e-9 * n) * float(rng.uniform(0.9, 1.1))) for n in sizes]
+    a = np.array([[1 / t, n / t] for n, t in noisy])  # independent: weighted least squares of rows [1/t, n/t]
+    (ref_alpha, ref_beta), *_ = np.linalg.lstsq(a, np.ones(len(noisy)), rcond=None)
+    assert fit_per_element(noisy) == pytest.approx([ref_alpha, ref_beta], rel=1e-6)
+    # a fixed part that would come out negative: the line through the origin instead (least squares)
+    pts = [(1000, 1e-6), (2000, 3e-6)]
+    ref = sum(n * t for n, t in pts) / sum(n * n for n, _ in pts)
+    assert fit_per_element(pts) == pytest.approx([0.0, ref], rel=1e-12)

@@ -215,3 +215,38 @@ def test_plan_cli(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "shardwise", "plan", "--model", "llama-7b", "--devices", "8",
                           "--hardware", "tpu"], capture_output=True, text=True)  # fmt: skip
     assert bad.returncode == 2 and "unknown hardware 'tpu'" in bad.stderr
+
+
+def test_measured_kernels_time_each_op_by_its_kind():
+    """A calibration with measured kernels: a GELU op costs the measured GELU line, per element (hand
+    computed); in a real layer's op list the MLP's GELU over [tokens, ffn] is timed by it; the attention
+    core by the measured attention grid."""
+    from shardwise.planner.profiles import from_calibration as from_cal
+    from shardwise.planner.schedule import phase_times
+    from shardwise.planner.workload import Op
+
+    kinds = {k: {"fwd": [0.0, 0.0], "bwd": [0.0, 0.0]} for k in ("add", "layer_norm", "rms_norm", "rotary")}
+    cal = _fake_calibration() | {"kernels": kinds | {"gelu": {"fwd": [2e-5, 3e-9], "bwd": [5e-5, 7e-9]}}}
+    hw = from_cal(cal)
+    op = Op("mlp", "ew", fwd_bytes=8.0 * 4096, bwd_bytes=12.0 * 4096, fwd_ops=1, bwd_ops=1, ew_kind="gelu",
+            elems=4096)  # fmt: skip
+    t = phase_times([op], CFG, hw, GroupSpan(1, "none"), False)
+    assert t.fwd_compute == pytest.approx(2e-5 + 3e-9 * 4096, rel=1e-12)
+    assert t.bwd_compute == pytest.approx(5e-5 + 7e-9 * 4096, rel=1e-12)
+    # the same op on a calibration without kernels: bytes at memory bandwidth plus the op overhead
+    plain = phase_times([op], CFG, from_cal(_fake_calibration()), GroupSpan(1, "none"), False)
+    assert plain.fwd_compute == pytest.approx(8.0 * 4096 / 5e9 + 5e-6, rel=1e-12)
+    # a real layer: only the GELU rate changes between the two, so compute moves by the rate x tokens x ffn
+    slower = cal | {"kernels": kinds | {"gelu": {"fwd": [2e-5, 4e-9], "bwd": [5e-5, 9e-9]}}}
+    cfg = ModelConfig.from_dict({**CFG.__dict__, "swiglu": False})
+    tokens, ffn = cfg.seq * cfg.micro_batch, cfg.ffn
+    diff = predict(cfg, from_cal(slower), 1).compute_s - predict(cfg, hw, 1).compute_s
+    assert diff == pytest.approx((1e-9 + 2e-9) * tokens * ffn, rel=1e-9)
+    tp2 = predict(cfg, from_cal(slower), 2).compute_s - predict(cfg, hw, 2).compute_s
+    assert tp2 == pytest.approx((1e-9 + 2e-9) * tokens * ffn / 2, rel=1e-9)  # ffn/tp features per rank
+    # the attention core: the measured grid's time for (s, d, batch x local heads)
+    grid = [{"s": s, "d": d, "fwd": [1e-5, 1e-6], "bwd": [3e-5, 2e-6]} for s in (64, 256) for d in (32, 64)]
+    fast, slow = (hw_cal | {"attention": {"points": grid}} for hw_cal in (cal, cal))
+    slow["attention"] = {"points": [p | {"bwd": [3e-5, 5e-6]} for p in grid]}
+    diff = predict(cfg, from_cal(slow), 1).compute_s - predict(cfg, from_cal(fast), 1).compute_s
+    assert diff == pytest.approx(3e-6 * cfg.micro_batch * cfg.heads, rel=1e-9)
