@@ -255,3 +255,9 @@ def test_fit_per_element_recovers_alpha_beta_and_never_goes_negative():
     pts = [(1000, 1e-6), (2000, 3e-6)]
     ref = sum(n * t for n, t in pts) / sum(n * n for n, _ in pts)
     assert fit_per_element(pts) == pytest.approx([0.0, ref], rel=1e-12)
+
+
+def test_quick_mode_chain_counts_are_what_the_profiler_counts():
+    from shardwise.planner.calibration_kernels import QUICK_CHAIN_COUNTS, chain_counts
+
+    assert chain_counts() == QUICK_CHAIN_COUNTS  # a torch upgrade that changes the dispatch: update the constant

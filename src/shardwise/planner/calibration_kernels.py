@@ -25,6 +25,7 @@ import torch.nn.functional as F
 ATTN_S = (64, 256, 512, 1024)
 ATTN_D = (32, 64, 128)
 QUICK_ATTN = ((64, 128), (32, 64))
+QUICK_CHAIN_COUNTS = (139, 254, 58)  # chain_counts() on torch 2.13, CPU (a test checks it)
 KERNEL_ROWS = {False: (64, 512, 4096), True: (16, 128)}  # rows of 256 (x4 for the ffn-wide kinds) elements
 
 
@@ -67,7 +68,7 @@ def _fwd_bwd(fn, inputs: list[torch.Tensor], quick: bool, base: bool = True) -> 
     b0 = _fwd_bwd(lambda t: t.view(t.shape), view, quick, False)[1] if base else 0.0
     window = 0.003 if quick else 0.03
     fwd, bwd = [], []
-    for w in range(4):  # the first window is warm-up
+    for w in range(2 if quick else 4):  # the first window is warm-up
         f = b = 0.0
         calls = 0
         while f + b < window or not calls:
@@ -162,12 +163,9 @@ def attention_grid(quick: bool) -> list[dict]:
     return out
 
 
-def overheads(quick: bool) -> dict:
-    """Seconds per aten op (forward), per autograd node and per AccumulateGrad (backward), on a chain of tiny
-    Linear + view + transpose ops as a layer issues them; the op counts come from torch.profiler."""
-    from torch.profiler import profile
-
-    links = 8
+def tiny_chain(links: int = 8):
+    """(fwd, weights, x0): fwd(weights) runs `links` x (view, transpose, reshape, F.linear) on [4, 8] and sums;
+    the chain overheads() times (tiny tensors: dispatch, not arithmetic)."""
     ws = [torch.randn(8, 8, requires_grad=True) for _ in range(links)]
     x0 = torch.randn(4, 8, requires_grad=True)
 
@@ -177,16 +175,37 @@ def overheads(quick: bool) -> dict:
             x = F.linear(x.view(2, 2, 8).transpose(0, 1).reshape(4, 8), w)
         return x.sum()
 
-    for w in ws:
-        w.grad = None
-    with profile() as p:
+    return fwd, ws, x0
+
+
+def chain_counts() -> tuple[int, int, int]:
+    """(aten ops in forward, aten ops in backward, autograd nodes in backward) of tiny_chain(), by torch.profiler
+    (nested events included, as workload.py's per-block counts)."""
+    from torch.profiler import profile
+
+    fwd, ws, _ = tiny_chain()
+
+    with profile() as p:  # one session (its start-up is most of quick mode's time), phases by a marker op
         y = fwd(ws)
-    fwd_ops = sum(1 for e in p.events() if e.name.startswith("aten::"))
-    with profile() as p:
+        marker = torch.ones(1).neg_()  # the one aten::neg_ of the chain: events after it are the backward
         y.backward()
-    ev = p.events()
-    bwd_ops = sum(1 for e in ev if e.name.startswith("aten::"))
-    nodes = sum(1 for e in ev if e.name.startswith("autograd::engine::evaluate_function: "))
+    ev = sorted(p.events(), key=lambda e: e.time_range.start)
+    cut = next(i for i, e in enumerate(ev) if e.name == "aten::neg_") + 1
+    del marker
+    fwd_ops = sum(1 for e in ev[:cut] if e.name.startswith("aten::")) - 4  # the marker: ones, empty, fill_, neg_
+    bwd_ops = sum(1 for e in ev[cut:] if e.name.startswith("aten::"))
+    nodes = sum(1 for e in ev[cut:] if e.name.startswith("autograd::engine::evaluate_function: "))
+    return fwd_ops, bwd_ops, nodes
+
+
+def overheads(quick: bool) -> dict:
+    """Seconds per aten op (forward), per autograd node and per AccumulateGrad (backward), on a chain of tiny
+    Linear + view + transpose ops as a layer issues them; the op counts come from torch.profiler."""
+    fwd, ws, x0 = tiny_chain()
+    if quick:  # torch.profiler's start-up (1-2 s a rank) is most of quick mode: counted once on torch 2.13 CPU
+        fwd_ops, bwd_ops, nodes = QUICK_CHAIN_COUNTS
+    else:
+        fwd_ops, bwd_ops, nodes = chain_counts()
     reps = 20 if quick else 200
 
     def timed(weights):
@@ -298,5 +317,6 @@ def kernel_time(cal_kernels: dict, kind: str, elements: float, phase: str) -> fl
     return alpha + beta * elements if elements > 0 else 0.0
 
 
-__all__ = ["KINDS", "attention_grid", "attention_time", "fit_per_element", "kernel_rates", "kernel_time", "merge",
-           "measure_all", "overheads"]  # fmt: skip
+__all__ = ["KINDS", "QUICK_CHAIN_COUNTS", "accumulate_rate", "attention_grid", "attention_time", "chain_counts",
+           "fit_per_element", "kernel_rates", "kernel_time", "measure_all", "merge", "overheads",
+           "tiny_chain"]  # fmt: skip
