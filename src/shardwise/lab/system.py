@@ -134,13 +134,13 @@ def format_rate(bits: int | None) -> str:
 def tbf_args(bits: int) -> list[str]:
     """tc arguments of a tbf shaping to `bits` bits/s.
 
-    burst: 1 ms of traffic at the rate, at least 12 KiB (a few MTUs; veth hands tbf segments of several). A token
-    bucket lets a message smaller than its burst through at the veth's own speed after an idle gap, so a large
-    burst makes the link fast for the small, spaced messages of tensor parallelism and rate-bound only for back-to-back
-    ones, which no real link does and a calibration (back-to-back messages) cannot see. Measured at 100mbit: a
-    64 KiB all-reduce after a 30 ms gap took 2.2 ms with a 4 ms burst (theory 5.2 ms) and 7.2 ms with 1 ms (5.1
-    back to back); below ~1 ms at 1gbit the shaper falls short of the rate (4 MiB: 84 ms at 16 KB vs 35 ms
-    at 125 KB, theory 34). latency 50 ms bounds the queue (TCP sees drops past it, as on a congested link).
+    burst: at least 32 KiB (several MTUs) and 4 ms of traffic at the rate, so that the kernel's timer granularity
+    does not cap fast rates below the target; latency 50 ms bounds the queue (TCP sees drops past it, as on a
+    real congested link). The cost of a token bucket: after an idle gap a message smaller than the burst passes
+    at the veth's own speed (100mbit: a 64 KiB all-reduce after a 30 ms gap took 2.2 ms, theory 5.2, back to back
+    5.0), so tensor parallelism's small spaced messages see a faster link than a back-to-back calibration does.
+    A 1 ms burst removes that but made gloo's TCP flows far slower than the rate in a real step (1gbit, tp=2
+    GPT step: 715 ms vs 157 unshaped and 164 with 4 ms), so 4 ms stays and bench/PLANNER.md names the effect.
     """
-    burst = max(12 * 1024, bits // 8 // 1000)
+    burst = max(32 * 1024, bits // 8 // 250)
     return ["tbf", "rate", f"{bits}bit", "burst", str(burst), "latency", "50ms"]
