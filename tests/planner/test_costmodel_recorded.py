@@ -35,135 +35,127 @@ KNOWN_MISSES: dict[str, str] = {  # block-scaling-2026-11-22.json, planner-2026-
     'block-tp4':
         'block: comm 49.6 ms predicted vs 69.0 ms measured; block: R 1.43 predicted vs 3.19 measured',
     '2x1@unshaped-tp1dp2-tp-inner':
-        'step 48.9 ms predicted vs 66.9 ms measured (-27%)',
+        'step 53.9 ms predicted vs 71.9 ms measured (-25%)',
     '2x1@unshaped-tp2dp1-tp-inner':
-        'blocks.0: comm 12.8 ms predicted vs 27.2 ms measured; blocks.0: R 1.08 predicted vs 0.84 measured; '
-        'blocks.1: comm 12.8 ms predicted vs 28.3 ms measured; step 69.4 ms predicted vs 163.1 ms measured '
-        '(-57%)',
+        'blocks.0: comm 12.7 ms predicted vs 96.1 ms measured; blocks.0: R 0.63 predicted vs 2.24 measured; '
+        'blocks.1: comm 12.7 ms predicted vs 117.7 ms measured; blocks.1: R 0.63 predicted vs 3.13 measured; '
+        'step 88.2 ms predicted vs 195.8 ms measured (-55%)',
     '2x1@unshaped-tp2dp1-tp-inner+sp':
-        'blocks.0: comm 34.6 ms predicted vs 74.7 ms measured; blocks.0: R 3.01 predicted vs 1.23 measured; '
-        'blocks.1: comm 34.6 ms predicted vs 72.0 ms measured; blocks.1: R 3.01 predicted vs 1.31 measured; '
-        'step 121.2 ms predicted vs 342.1 ms measured (-65%)',
+        'blocks.0: comm 32.1 ms predicted vs 160.5 ms measured; blocks.1: comm 32.1 ms predicted vs 142.3 ms '
+        'measured; step 133.4 ms predicted vs 394.8 ms measured (-66%)',
     '2x1@1gbit-tp1dp2-tp-inner':
-        'step 86.5 ms predicted vs 114.0 ms measured (-24%)',
+        'step 107.2 ms predicted vs 130.0 ms measured (-18%)',
     '2x1@1gbit-tp2dp1-tp-inner':
-        'blocks.0: comm 20.1 ms predicted vs 31.8 ms measured; blocks.1: comm 20.1 ms predicted vs 35.5 ms '
-        'measured; step 97.6 ms predicted vs 147.5 ms measured (-34%)',
+        'blocks.0: comm 20.0 ms predicted vs 77.4 ms measured; blocks.0: R 0.90 predicted vs 1.92 measured; '
+        'blocks.1: comm 20.0 ms predicted vs 92.7 ms measured; blocks.1: R 0.90 predicted vs 2.44 measured; '
+        'step 110.4 ms predicted vs 534.5 ms measured (-79%)',
     '2x1@1gbit-tp2dp1-tp-inner+sp':
-        'blocks.0: comm 41.1 ms predicted vs 62.0 ms measured; blocks.0: R 2.57 predicted vs 1.61 measured; '
-        'blocks.1: R 2.57 predicted vs 1.32 measured; step 146.5 ms predicted vs 288.9 ms measured (-49%)',
-    '2x1@300mbit-tp1dp2-tp-inner':
-        'step 189.9 ms predicted vs 244.8 ms measured (-22%)',
+        'blocks.0: comm 41.4 ms predicted vs 61.5 ms measured; blocks.0: R 1.88 predicted vs 1.19 measured; '
+        'blocks.1: comm 41.4 ms predicted vs 62.7 ms measured; blocks.1: R 1.88 predicted vs 1.17 measured; '
+        'step 160.8 ms predicted vs 751.6 ms measured (-79%)',
     '2x1@300mbit-tp2dp1-tp-inner':
-        'blocks.0: comm 33.5 ms predicted vs 24.7 ms measured; blocks.0: R 2.57 predicted vs 0.75 measured; '
-        'blocks.1: R 2.57 predicted vs 1.02 measured; step 123.9 ms predicted vs 180.7 ms measured (-31%)',
+        'blocks.0: R 1.75 predicted vs 1.17 measured; blocks.1: R 1.75 predicted vs 0.93 measured; step 139.9'
+        ' ms predicted vs 168.9 ms measured (-17%)',
     '2x1@300mbit-tp2dp1-tp-inner+sp':
-        'blocks.0: comm 57.6 ms predicted vs 82.0 ms measured; blocks.0: R 4.53 predicted vs 1.36 measured; '
-        'blocks.1: R 4.53 predicted vs 1.24 measured; step 181.0 ms predicted vs 396.0 ms measured (-54%)',
+        'blocks.0: R 3.37 predicted vs 1.52 measured; blocks.1: R 3.37 predicted vs 1.50 measured; step 215.3'
+        ' ms predicted vs 327.4 ms measured (-34%)',
     '2x1@100mbit-tp1dp2-tp-inner':
-        'step 508.1 ms predicted vs 699.6 ms measured (-27%)',
+        'step 561.5 ms predicted vs 791.0 ms measured (-29%)',
     '2x1@100mbit-tp2dp1-tp-inner':
-        'blocks.0: comm 88.6 ms predicted vs 59.5 ms measured; blocks.0: R 4.87 predicted vs 1.60 measured; '
-        'blocks.1: comm 88.6 ms predicted vs 62.1 ms measured; blocks.1: R 4.87 predicted vs 1.61 measured',
+        'blocks.0: comm 87.7 ms predicted vs 69.1 ms measured; blocks.0: R 4.94 predicted vs 1.98 measured; '
+        'blocks.1: comm 87.7 ms predicted vs 68.2 ms measured; blocks.1: R 4.94 predicted vs 1.93 measured',
     '2x1@100mbit-tp2dp1-tp-inner+sp':
-        'blocks.0: comm 151.1 ms predicted vs 102.4 ms measured; blocks.0: R 8.57 predicted vs 1.67 measured;'
-        ' blocks.1: comm 151.1 ms predicted vs 106.2 ms measured; blocks.1: R 8.57 predicted vs 1.62 measured',
+        'blocks.0: R 7.40 predicted vs 2.05 measured; blocks.1: R 7.40 predicted vs 1.63 measured; step 369.7'
+        ' ms predicted vs 652.6 ms measured (-43%)',
     '2x2@unshaped-tp1dp4-tp-inner':
-        'step 61.9 ms predicted vs 124.3 ms measured (-50%)',
+        'step 75.7 ms predicted vs 100.9 ms measured (-25%)',
     '2x2@unshaped-tp2dp2-tp-inner':
-        'blocks.0: comm 6.9 ms predicted vs 39.8 ms measured; blocks.0: R 0.76 predicted vs 1.57 measured; '
-        'blocks.1: comm 6.9 ms predicted vs 47.3 ms measured; blocks.1: R 0.76 predicted vs 1.80 measured; '
-        'step 57.9 ms predicted vs 199.6 ms measured (-71%)',
+        'blocks.0: comm 7.8 ms predicted vs 40.3 ms measured; blocks.0: R 0.46 predicted vs 1.70 measured; '
+        'blocks.1: comm 7.8 ms predicted vs 37.1 ms measured; blocks.1: R 0.46 predicted vs 1.66 measured; '
+        'step 75.1 ms predicted vs 179.5 ms measured (-58%)',
     '2x2@unshaped-tp2dp2-tp-inner+sp':
-        'blocks.0: comm 22.6 ms predicted vs 59.3 ms measured; blocks.0: R 2.58 predicted vs 1.20 measured; '
-        'blocks.1: comm 22.6 ms predicted vs 49.7 ms measured; blocks.1: R 2.58 predicted vs 1.03 measured; '
-        'step 95.4 ms predicted vs 296.5 ms measured (-68%)',
+        'blocks.0: comm 19.3 ms predicted vs 64.3 ms measured; blocks.1: comm 19.3 ms predicted vs 76.0 ms '
+        'measured; step 101.8 ms predicted vs 539.3 ms measured (-81%)',
     '2x2@unshaped-tp2dp2-dp-inner':
-        'blocks.0: comm 7.4 ms predicted vs 45.9 ms measured; blocks.0: R 0.82 predicted vs 1.88 measured; '
-        'blocks.1: comm 7.4 ms predicted vs 40.8 ms measured; blocks.1: R 0.82 predicted vs 1.87 measured; '
-        'step 59.1 ms predicted vs 168.5 ms measured (-65%)',
+        'blocks.0: comm 7.5 ms predicted vs 41.9 ms measured; blocks.0: R 0.44 predicted vs 1.72 measured; '
+        'blocks.1: comm 7.5 ms predicted vs 39.6 ms measured; blocks.1: R 0.44 predicted vs 1.66 measured; '
+        'step 74.6 ms predicted vs 210.3 ms measured (-65%)',
     '2x2@unshaped-tp2dp2-dp-inner+sp':
-        'blocks.0: comm 21.4 ms predicted vs 64.6 ms measured; blocks.0: R 2.44 predicted vs 1.36 measured; '
-        'blocks.1: comm 21.4 ms predicted vs 58.0 ms measured; blocks.1: R 2.44 predicted vs 1.33 measured; '
-        'step 92.2 ms predicted vs 303.6 ms measured (-70%)',
+        'blocks.0: comm 17.2 ms predicted vs 56.9 ms measured; blocks.1: comm 17.2 ms predicted vs 56.4 ms '
+        'measured; step 97.0 ms predicted vs 326.5 ms measured (-70%)',
     '2x2@unshaped-tp4dp1-tp-inner':
-        'blocks.0: comm 97.0 ms predicted vs 129.8 ms measured; blocks.0: R 7.33 predicted vs 3.46 measured; '
-        'blocks.1: comm 97.0 ms predicted vs 133.3 ms measured; blocks.1: R 7.33 predicted vs 3.33 measured; '
-        'step 324.3 ms predicted vs 468.0 ms measured (-31%)',
+        'blocks.0: comm 61.2 ms predicted vs 198.4 ms measured; blocks.0: R 2.49 predicted vs 5.01 measured; '
+        'blocks.1: comm 61.2 ms predicted vs 160.0 ms measured; blocks.1: R 2.49 predicted vs 4.14 measured; '
+        'step 240.0 ms predicted vs 591.2 ms measured (-59%)',
     '2x2@unshaped-tp4dp1-tp-inner+sp':
-        'blocks.0: R 19.45 predicted vs 2.08 measured; blocks.1: R 19.45 predicted vs 2.45 measured; step '
-        '665.1 ms predicted vs 958.7 ms measured (-31%)',
+        'blocks.0: comm 179.5 ms predicted vs 313.6 ms measured; blocks.0: R 7.63 predicted vs 2.53 measured;'
+        ' blocks.1: comm 179.5 ms predicted vs 302.8 ms measured; blocks.1: R 7.63 predicted vs 2.34 '
+        'measured; step 520.0 ms predicted vs 1615.6 ms measured (-68%)',
     '2x2@1gbit-tp1dp4-tp-inner':
-        'step 112.2 ms predicted vs 176.4 ms measured (-36%)',
+        'step 112.6 ms predicted vs 199.4 ms measured (-44%)',
     '2x2@1gbit-tp2dp2-tp-inner':
-        'blocks.0: comm 9.0 ms predicted vs 33.0 ms measured; blocks.0: R 1.01 predicted vs 1.56 measured; '
-        'blocks.1: comm 9.0 ms predicted vs 31.0 ms measured; blocks.1: R 1.01 predicted vs 1.53 measured; '
-        'step 96.9 ms predicted vs 219.8 ms measured (-56%)',
+        'blocks.0: comm 9.3 ms predicted vs 32.2 ms measured; blocks.0: R 0.56 predicted vs 1.26 measured; '
+        'blocks.1: comm 9.3 ms predicted vs 40.8 ms measured; blocks.1: R 0.56 predicted vs 1.76 measured; '
+        'step 88.9 ms predicted vs 229.8 ms measured (-61%)',
     '2x2@1gbit-tp2dp2-tp-inner+sp':
-        'blocks.0: comm 24.4 ms predicted vs 59.9 ms measured; blocks.0: R 2.81 predicted vs 1.50 measured; '
-        'blocks.1: comm 24.4 ms predicted vs 57.2 ms measured; blocks.1: R 2.81 predicted vs 1.27 measured; '
-        'step 126.9 ms predicted vs 324.9 ms measured (-61%)',
+        'blocks.0: comm 25.3 ms predicted vs 59.9 ms measured; blocks.0: R 1.56 predicted vs 1.22 measured; '
+        'blocks.1: comm 25.3 ms predicted vs 62.0 ms measured; blocks.1: R 1.56 predicted vs 1.16 measured; '
+        'step 126.8 ms predicted vs 309.4 ms measured (-59%)',
     '2x2@1gbit-tp2dp2-dp-inner':
-        'blocks.0: comm 13.3 ms predicted vs 30.3 ms measured; blocks.1: comm 13.3 ms predicted vs 30.3 ms '
-        'measured; step 74.2 ms predicted vs 153.2 ms measured (-52%)',
+        'blocks.0: comm 14.2 ms predicted vs 37.8 ms measured; blocks.0: R 0.86 predicted vs 1.77 measured; '
+        'blocks.1: comm 14.2 ms predicted vs 37.3 ms measured; blocks.1: R 0.86 predicted vs 1.76 measured; '
+        'step 91.6 ms predicted vs 167.3 ms measured (-45%)',
     '2x2@1gbit-tp2dp2-dp-inner+sp':
-        'blocks.0: comm 29.4 ms predicted vs 49.1 ms measured; blocks.0: R 3.38 predicted vs 1.21 measured; '
-        'blocks.1: comm 29.4 ms predicted vs 40.9 ms measured; blocks.1: R 3.38 predicted vs 1.16 measured; '
-        'step 112.6 ms predicted vs 300.2 ms measured (-62%)',
+        'blocks.0: comm 34.3 ms predicted vs 54.1 ms measured; blocks.0: R 2.11 predicted vs 1.44 measured; '
+        'blocks.1: comm 34.3 ms predicted vs 63.4 ms measured; blocks.1: R 2.11 predicted vs 1.51 measured; '
+        'step 138.8 ms predicted vs 277.5 ms measured (-50%)',
     '2x2@1gbit-tp4dp1-tp-inner':
-        'blocks.0: comm 80.2 ms predicted vs 129.6 ms measured; blocks.0: R 6.43 predicted vs 3.88 measured; '
-        'blocks.1: comm 80.2 ms predicted vs 124.7 ms measured; blocks.1: R 6.43 predicted vs 3.85 measured; '
-        'step 267.8 ms predicted vs 435.2 ms measured (-38%)',
+        'blocks.0: comm 81.0 ms predicted vs 117.9 ms measured; blocks.1: comm 81.0 ms predicted vs 114.5 ms '
+        'measured; step 295.5 ms predicted vs 456.9 ms measured (-35%)',
     '2x2@1gbit-tp4dp1-tp-inner+sp':
-        'blocks.0: comm 216.8 ms predicted vs 302.2 ms measured; blocks.0: R 18.28 predicted vs 2.20 '
-        'measured; blocks.1: comm 216.8 ms predicted vs 303.6 ms measured; blocks.1: R 18.28 predicted vs '
-        '2.53 measured; step 591.0 ms predicted vs 1024.6 ms measured (-42%)',
+        'blocks.0: R 9.47 predicted vs 2.25 measured; blocks.1: comm 229.3 ms predicted vs 349.0 ms measured;'
+        ' blocks.1: R 9.47 predicted vs 2.73 measured; step 647.3 ms predicted vs 973.1 ms measured (-33%)',
+    '2x2@300mbit-tp1dp4-tp-inner':
+        'step 296.4 ms predicted vs 349.4 ms measured (-15%)',
     '2x2@300mbit-tp2dp2-tp-inner':
-        'blocks.0: comm 9.2 ms predicted vs 68.5 ms measured; blocks.0: R 1.05 predicted vs 2.30 measured; '
-        'blocks.1: comm 9.2 ms predicted vs 59.7 ms measured; blocks.1: R 1.05 predicted vs 2.26 measured; '
-        'step 208.0 ms predicted vs 408.7 ms measured (-49%)',
+        'blocks.0: comm 11.0 ms predicted vs 37.7 ms measured; blocks.0: R 0.58 predicted vs 1.74 measured; '
+        'blocks.1: comm 11.0 ms predicted vs 32.2 ms measured; blocks.1: R 0.58 predicted vs 1.68 measured; '
+        'step 230.1 ms predicted vs 378.0 ms measured (-39%)',
     '2x2@300mbit-tp2dp2-tp-inner+sp':
-        'blocks.0: comm 21.2 ms predicted vs 60.5 ms measured; blocks.0: R 2.49 predicted vs 1.26 measured; '
-        'blocks.1: comm 21.2 ms predicted vs 66.8 ms measured; blocks.1: R 2.49 predicted vs 1.33 measured; '
-        'step 230.8 ms predicted vs 589.1 ms measured (-61%)',
+        'blocks.0: comm 26.5 ms predicted vs 49.5 ms measured; blocks.1: comm 26.5 ms predicted vs 49.8 ms '
+        'measured; step 259.5 ms predicted vs 467.4 ms measured (-44%)',
     '2x2@300mbit-tp2dp2-dp-inner':
-        'blocks.0: R 4.03 predicted vs 1.82 measured; blocks.1: R 4.03 predicted vs 1.81 measured; step 131.9'
-        ' ms predicted vs 203.8 ms measured (-35%)',
+        'blocks.0: R 1.85 predicted vs 1.22 measured; step 145.5 ms predicted vs 175.1 ms measured (-17%)',
     '2x2@300mbit-tp2dp2-dp-inner+sp':
-        'blocks.0: comm 52.3 ms predicted vs 89.9 ms measured; blocks.0: R 6.13 predicted vs 1.61 measured; '
-        'blocks.1: comm 52.3 ms predicted vs 103.7 ms measured; blocks.1: R 6.13 predicted vs 1.87 measured; '
-        'step 171.5 ms predicted vs 365.2 ms measured (-53%)',
+        'blocks.0: R 3.29 predicted vs 1.58 measured; blocks.1: R 3.29 predicted vs 1.38 measured; step 208.0'
+        ' ms predicted vs 256.7 ms measured (-19%)',
     '2x2@300mbit-tp4dp1-tp-inner':
-        'blocks.0: comm 261.4 ms predicted vs 156.1 ms measured; blocks.0: R 20.56 predicted vs 4.14 '
-        'measured; blocks.1: comm 261.4 ms predicted vs 145.6 ms measured; blocks.1: R 20.56 predicted vs '
-        '3.97 measured; step 794.1 ms predicted vs 977.3 ms measured (-19%)',
+        'blocks.1: R 4.20 predicted vs 3.30 measured; step 353.9 ms predicted vs 417.5 ms measured (-15%)',
     '2x2@300mbit-tp4dp1-tp-inner+sp':
-        'blocks.0: comm 452.7 ms predicted vs 267.2 ms measured; blocks.0: R 37.46 predicted vs 2.28 '
-        'measured; blocks.1: comm 452.7 ms predicted vs 272.2 ms measured; blocks.1: R 37.46 predicted vs '
-        '2.29 measured; step 1217.5 ms predicted vs 1048.1 ms measured (+16%)',
+        'blocks.0: R 9.66 predicted vs 2.16 measured; blocks.1: R 9.66 predicted vs 2.31 measured; step 654.5'
+        ' ms predicted vs 923.1 ms measured (-29%)',
     '2x2@100mbit-tp1dp4-tp-inner':
-        'step 740.0 ms predicted vs 1049.1 ms measured (-29%)',
+        'step 804.3 ms predicted vs 968.7 ms measured (-17%)',
     '2x2@100mbit-tp2dp2-tp-inner':
-        'blocks.0: comm 7.9 ms predicted vs 39.9 ms measured; blocks.0: R 0.93 predicted vs 1.88 measured; '
-        'blocks.1: comm 7.9 ms predicted vs 34.4 ms measured; blocks.1: R 0.93 predicted vs 1.53 measured; '
-        'step 592.9 ms predicted vs 1098.3 ms measured (-46%)',
+        'blocks.0: comm 7.1 ms predicted vs 58.3 ms measured; blocks.0: R 0.36 predicted vs 2.17 measured; '
+        'blocks.1: comm 7.1 ms predicted vs 47.4 ms measured; blocks.1: R 0.36 predicted vs 1.94 measured; '
+        'step 613.8 ms predicted vs 866.6 ms measured (-29%)',
     '2x2@100mbit-tp2dp2-tp-inner+sp':
-        'blocks.0: comm 20.1 ms predicted vs 54.8 ms measured; blocks.0: R 2.41 predicted vs 1.26 measured; '
-        'blocks.1: comm 20.1 ms predicted vs 62.6 ms measured; blocks.1: R 2.41 predicted vs 1.35 measured; '
-        'step 616.5 ms predicted vs 948.4 ms measured (-35%)',
+        'blocks.0: comm 22.5 ms predicted vs 58.9 ms measured; blocks.1: comm 22.5 ms predicted vs 68.8 ms '
+        'measured; step 644.0 ms predicted vs 917.8 ms measured (-30%)',
     '2x2@100mbit-tp2dp2-dp-inner':
-        'blocks.0: R 10.55 predicted vs 2.49 measured; blocks.1: comm 90.1 ms predicted vs 61.4 ms measured; '
-        'blocks.1: R 10.55 predicted vs 2.30 measured',
+        'blocks.0: R 4.60 predicted vs 3.05 measured; blocks.1: R 4.60 predicted vs 2.72 measured',
     '2x2@100mbit-tp2dp2-dp-inner+sp':
-        'blocks.0: R 14.52 predicted vs 2.32 measured; blocks.1: R 14.52 predicted vs 2.14 measured; step '
-        '342.8 ms predicted vs 553.3 ms measured (-38%)',
+        'blocks.0: comm 128.4 ms predicted vs 257.8 ms measured; blocks.0: R 6.60 predicted vs 2.29 measured;'
+        ' blocks.1: comm 128.4 ms predicted vs 265.4 ms measured; blocks.1: R 6.60 predicted vs 2.18 '
+        'measured; step 381.2 ms predicted vs 797.2 ms measured (-52%)',
     '2x2@100mbit-tp4dp1-tp-inner':
-        'blocks.0: R 16.15 predicted vs 2.93 measured; blocks.1: R 16.15 predicted vs 2.65 measured; step '
-        '570.9 ms predicted vs 748.0 ms measured (-24%)',
+        'blocks.0: comm 228.4 ms predicted vs 151.1 ms measured; blocks.0: R 7.34 predicted vs 3.49 measured;'
+        ' blocks.1: comm 228.4 ms predicted vs 154.4 ms measured; blocks.1: R 7.34 predicted vs 3.84 measured',
     '2x2@100mbit-tp4dp1-tp-inner+sp':
-        'blocks.0: comm 401.5 ms predicted vs 294.2 ms measured; blocks.0: R 34.45 predicted vs 2.39 '
-        'measured; blocks.1: comm 401.5 ms predicted vs 304.5 ms measured; blocks.1: R 34.45 predicted vs '
-        '2.31 measured',
+        'blocks.0: comm 471.8 ms predicted vs 958.9 ms measured; blocks.0: R 15.61 predicted vs 3.32 '
+        'measured; blocks.1: comm 471.8 ms predicted vs 886.9 ms measured; blocks.1: R 15.61 predicted vs '
+        '3.89 measured; step 1279.3 ms predicted vs 2125.8 ms measured (-40%)',
 }
 # fmt: on
 
