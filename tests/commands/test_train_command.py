@@ -53,13 +53,13 @@ def test_killed_run_resumes_exactly(data, tmp_path):
 
 
 def _die_in_save(cfg, data, die_rank, when, k, marker):
-    """train_rank, where global rank `die_rank` dies (os._exit) in the save of step 20, `when` ("before" or
+    """train_rank, where global rank `die_rank` dies (os._exit) in the save of step 8, `when` ("before" or
     "after") its k-th file rename (os.replace: how every checkpoint file lands); if that save renames fewer
     files, right after it returns, noting how many it renamed in `marker`."""
     save = train.save_checkpoint
 
     def dying_save(directory, model, opt, mesh, step, *rest):
-        if step != 20 or dist.get_rank() != die_rank:
+        if step != 8 or dist.get_rank() != die_rank:
             return save(directory, model, opt, mesh, step, *rest)
         real, count = os.replace, [0]
 
@@ -85,10 +85,10 @@ def _resume_all(configs, data):
 
 
 def test_kill_at_any_moment_of_a_save_resumes_exactly(data, tmp_path):
-    """Checkpoints at steps 10 and 20 of 30; rank 0 is killed before and after each file rename of the step-20
-    save, and after it; rank 1 before its rename and after the save. Each resume must continue from step 10
-    or 20 with the losses of the uninterrupted run: model, Adam and RNG always of one step."""
-    cfg = replace(SMALL, steps=30, checkpoint_every=10, eval_every=0, hidden=32, seq=32, batch=8)
+    """Checkpoints at steps 4 and 8 of 12; rank 0 is killed before and after each file rename of the step-8
+    save, and after it; rank 1 before its rename and after the save. Each resume must continue from step 4
+    or 8 with the losses of the uninterrupted run: model, Adam and RNG always of one step."""
+    cfg = replace(SMALL, steps=12, checkpoint_every=4, eval_every=0, hidden=32, seq=32, batch=8)
     phases, runs = [], []
     for die_rank in (0, 1):
         for k in range(1, 20):
@@ -107,7 +107,7 @@ def test_kill_at_any_moment_of_a_save_resumes_exactly(data, tmp_path):
     wrong = []
     for phase, result in zip(phases, results[1:], strict=True):
         diff = float((torch.tensor(result["losses"]) - whole).abs().max())
-        if result["start_step"] not in (10, 20) or diff > 1e-6:
+        if result["start_step"] not in (4, 8) or diff > 1e-6:
             wrong.append(f"{phase}: resumed at {result['start_step']}, max loss diff {diff:.3g}")
     assert not wrong, f"{len(wrong)} of {len(phases)} kill phases resume wrong:\n" + "\n".join(wrong)
 
