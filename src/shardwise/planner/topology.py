@@ -1,32 +1,24 @@
 """Which link class each process group crosses, from the placement of tp and dp ranks on nodes.
 
-placement "tp-inner": rank = dp_rank * tp + tp_rank (a tp group is consecutive ranks: inside a node when tp
-divides the devices per node); "dp-inner": rank = tp_rank * dp + dp_rank (a dp group is consecutive ranks, tp
-groups stride across nodes). node = rank // devices_per_node (torchrun numbers a node's ranks contiguously).
+Ranks come from the mesh's own formula (shardwise.mesh.global_rank), so the planner places groups exactly as
+init_mesh(placement=...) builds them: "tp-inner" keeps a tp group on consecutive ranks (inside a node when tp
+divides the devices per node), "dp-inner" a dp group. node = rank // devices_per_node (torchrun numbers a node's
+ranks contiguously).
 """
 
 from __future__ import annotations
 
 from collections import Counter
 
+from ..mesh import PLACEMENTS, global_rank
 from .hardware import GroupSpan
-
-PLACEMENTS = ("tp-inner", "dp-inner")
-
-
-def rank_of(tp_rank: int, dp_rank: int, tp: int, dp: int, placement: str) -> int:
-    if placement == "tp-inner":
-        return dp_rank * tp + tp_rank
-    if placement == "dp-inner":
-        return tp_rank * dp + dp_rank
-    raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
 
 
 def groups(tp: int, dp: int, placement: str, kind: str) -> list[list[int]]:
     """Every group of `kind` ('tp' or 'dp') as its global ranks in group-rank (= ring) order."""
     if kind == "tp":
-        return [[rank_of(t, d, tp, dp, placement) for t in range(tp)] for d in range(dp)]
-    return [[rank_of(t, d, tp, dp, placement) for d in range(dp)] for t in range(tp)]
+        return [[global_rank(t, d, tp, dp, placement) for t in range(tp)] for d in range(dp)]
+    return [[global_rank(t, d, tp, dp, placement) for d in range(dp)] for t in range(tp)]
 
 
 def span(tp: int, dp: int, placement: str, kind: str, devices_per_node: int) -> GroupSpan:
@@ -51,4 +43,4 @@ def span(tp: int, dp: int, placement: str, kind: str, devices_per_node: int) -> 
     return GroupSpan(size, klass, max(uploads.values(), default=0), per_node)
 
 
-__all__ = ["PLACEMENTS", "groups", "rank_of", "span"]
+__all__ = ["PLACEMENTS", "groups", "span"]
