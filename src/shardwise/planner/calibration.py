@@ -302,16 +302,7 @@ def gemm_time(cal: dict, m: float, k: float, n: float, phase: str = "fwd") -> fl
         below = [r for (a, b, c), r in rates.items() if a <= key[0] and b <= key[1] and c <= key[2]]
         return max(below) if below else min(rates.values())
 
-    def bracket(axis, v):  # (lo, hi, weight of hi) in log space
-        if v <= axis[0]:
-            return axis[0], axis[0], 0.0
-        if v >= axis[-1]:
-            return axis[-1], axis[-1], 0.0
-        hi = next(i for i, a in enumerate(axis) if a >= v)
-        lo = axis[hi - 1]
-        return lo, axis[hi], math.log(v / lo) / math.log(axis[hi] / lo)
-
-    brackets = [bracket(axis, v) for axis, v in zip(axes, (m, k, n), strict=True)]
+    brackets = [kernels.log_bracket(axis, v) for axis, v in zip(axes, (m, k, n), strict=True)]
     log_rate = 0.0
     for corner in range(8):
         weight, key = 1.0, []

@@ -283,6 +283,21 @@ def merge(per_rank: list[dict]) -> dict:
     return med(per_rank)
 
 
+def log_bracket(axis: list[float], v: float) -> tuple[float, float, float]:
+    """(lo, hi, weight of hi) of `v` between neighbours of the sorted `axis`, the weight linear in log v; clamped
+    at the ends (weight 0 on the end value), so a value on the axis comes back exactly. The one bracketing rule
+    of every measured grid (GEMM, attention core)."""
+    if v <= axis[0]:
+        return axis[0], axis[0], 0.0
+    if v >= axis[-1]:
+        return axis[-1], axis[-1], 0.0
+    hi = next(i for i, a in enumerate(axis) if a >= v)
+    if axis[hi] == v:
+        return v, v, 0.0
+    lo = axis[hi - 1]
+    return lo, axis[hi], math.log(v / lo) / math.log(axis[hi] / lo)
+
+
 def attention_time(cal: dict, s: float, d: float, units: float, phase: str = "fwd") -> float:
     """Seconds of causal SDPA `phase` over `units` (batch x heads) sequences of [s, d]: alpha and the per-unit
     time interpolated bilinearly in (log s, log d) on log values between the grid's axis values (grid points
@@ -290,14 +305,7 @@ def attention_time(cal: dict, s: float, d: float, units: float, phase: str = "fw
     pts = {(p["s"], p["d"]): p[phase] for p in cal["attention"]["points"]}
     s_axis, d_axis = sorted({k[0] for k in pts}), sorted({k[1] for k in pts})
 
-    def bracket(axis, v):
-        v = min(max(v, axis[0]), axis[-1])
-        hi = next(i for i, a in enumerate(axis) if a >= v)
-        if axis[hi] == v or hi == 0:
-            return axis[hi], axis[hi], 0.0
-        return axis[hi - 1], axis[hi], math.log(v / axis[hi - 1]) / math.log(axis[hi] / axis[hi - 1])
-
-    (s0, s1, ws), (d0, d1, wd) = bracket(s_axis, s), bracket(d_axis, d)
+    (s0, s1, ws), (d0, d1, wd) = log_bracket(s_axis, s), log_bracket(d_axis, d)
     alpha = beta = 0.0
     for sv, w_s in ((s0, 1 - ws), (s1, ws)):
         for dv, w_d in ((d0, 1 - wd), (d1, wd)):
@@ -318,5 +326,5 @@ def kernel_time(cal_kernels: dict, kind: str, elements: float, phase: str) -> fl
 
 
 __all__ = ["KINDS", "QUICK_CHAIN_COUNTS", "accumulate_rate", "attention_grid", "attention_time", "chain_counts",
-           "fit_per_element", "kernel_rates", "kernel_time", "measure_all", "merge", "overheads",
+           "fit_per_element", "kernel_rates", "kernel_time", "log_bracket", "measure_all", "merge", "overheads",
            "tiny_chain"]  # fmt: skip
