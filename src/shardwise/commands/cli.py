@@ -164,6 +164,16 @@ def _train_parser(sub) -> None:
                    help="tp-inner: tp ranks adjacent (tp inside a node); dp-inner: dp ranks adjacent")  # fmt: skip
     t.add_argument("--zero", action="store_true", help="ZeRO-1: Adam state partitioned over dp ranks")
     t.add_argument("--bucket-mb", type=float, default=d.bucket_mb, help="DDP gradient bucket size, MiB")
+    a = t.add_argument_group("adaptive tensor parallelism (--adaptive)")
+    a.add_argument("--adaptive", action="store_true", help="every --replan-every steps, predict every layout at the "
+                   "link rates seen in training's collectives; reshard in memory when another pays")  # fmt: skip
+    a.add_argument("--calibration", default=None, help="the re-planner's hardware: a `shardwise calibrate` JSON of "
+                   "this job's nodes (default: a quick calibration at the start)")  # fmt: skip
+    a.add_argument("--replan-every", type=int, default=d.replan_every, help="steps between decisions")
+    a.add_argument("--adaptive-layouts", default=None, metavar="TP:DP[:PLACEMENT],...",
+                   help="the layouts it may switch between (default: every feasible one)")  # fmt: skip
+    a.add_argument("--horizon", type=int, default=d.horizon, help="a switch must repay its cost within N steps")
+    a.add_argument("--margin", type=float, default=d.margin, help="and be predicted faster by this fraction")
 
 
 def main(argv: list[str] | None = None) -> int:

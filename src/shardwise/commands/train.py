@@ -5,15 +5,13 @@ and a resumed run sees exactly the batches the uninterrupted one would have. The
 on the mesh's dp group (data_parallel.wrap_ddp), with --zero torch's ZeroRedundancyOptimizer: its Adam state,
 partitioned over dp, is consolidated to dp rank 0 for a save and re-partitioned on load, so checkpoints
 are the same with and without --zero. Runs its own local ranks, or under torchrun one rank per process.
-A checkpoint is one atomic unit: the model, the Adam state (sharded like the parameters, so it reshards
-too) and every rank's RNG state go through ONE save_sharded call, so one index names them all with one
-step, and a kill at any moment of a save leaves the previous checkpoint or the new one, never a mix.
+A checkpoint is one atomic unit (train_checkpoint.py): model, Adam state and every rank's RNG state, one step.
+--adaptive re-plans the layout from live link estimates and reshards in memory (train_adaptive.py).
 A preflight compares all ranks' configs and shard shapes before the first step.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import math
 import os
@@ -26,16 +24,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 
 import shardwise
 
-from ..checkpoint import load_sharded, read_index, save_sharded
-from ..data_parallel import load_optimizer_states, make_optimizer, optimizer_states, wrap_ddp
+from ..data_parallel import make_optimizer, wrap_ddp
 from ..nn import GPT, GPTConfig
 from ..preflight import preflight
-from ..sharding import copy_shard_info
+from . import train_adaptive
 from .registry import default_cache_dir
+from .train_checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
 
 
 @dataclass
@@ -62,6 +59,12 @@ class TrainConfig:
     progress: bool = True
     kill_at_step: int | None = None  # fault injection: global rank 0 SIGKILLs itself after this step
     timeout_s: float = 120.0
+    adaptive: bool = False  # re-plan the layout from live link estimates and reshard in memory (train_adaptive)
+    calibration: str | None = None  # the re-planner's hardware: a `shardwise calibrate` JSON (None: measure now)
+    replan_every: int = 10  # steps between decisions
+    adaptive_layouts: str | None = None  # "1:2,2:1:tp-inner": the layouts it may pick (None: every feasible one)
+    horizon: int = 100  # a switch must repay its cost within this many steps
+    margin: float = 0.15  # and be predicted faster by more than this fraction
 
 
 # ---- data --------------------------------------------------------------------------------------
@@ -110,143 +113,6 @@ def unigram_entropy(data: torch.Tensor) -> float:
     return float(-(p * p.log()).sum())
 
 
-# ---- checkpoints of optimizer state and RNG ------------------------------------------------------
-
-
-class _AdamState(nn.Module):
-    """Adam's moments as parameters named after the model's, carrying the same shard metadata, so the
-    sharded checkpoint saves (and reshards) them exactly like the weights. `states`: param -> Adam state
-    (data_parallel.optimizer_states; zeros where missing, e.g. on the dp ranks that save nothing)."""
-
-    def __init__(self, model: nn.Module, states: dict):
-        super().__init__()
-        for kind in ("exp_avg", "exp_avg_sq"):
-            holder = nn.Module()
-            for name, p in model.named_parameters():
-                state = states.get(p, {})
-                value = state.get(kind, torch.zeros_like(p)).detach()
-                param = nn.Parameter(value.clone(), requires_grad=False)
-                copy_shard_info(p, param)  # the moments are sharded as their parameter is
-                _set(holder, name, param)
-            self.add_module(kind, holder)
-
-    def copy_into(self, model: nn.Module, opt: torch.optim.Optimizer, step: int) -> None:
-        states = {
-            p: {
-                "step": torch.tensor(float(step)),
-                "exp_avg": _get(self.exp_avg, name).detach().clone(),
-                "exp_avg_sq": _get(self.exp_avg_sq, name).detach().clone(),
-            }
-            for name, p in model.named_parameters()
-        }
-        load_optimizer_states(opt, states)  # with ZeRO each dp rank keeps its own partition's
-
-
-class _TrainState(nn.Module):
-    """What one checkpoint holds: the model's state_dict under its own keys (so
-    `load_sharded(GPT(cfg, mesh), dir, strict=False)` reads just the weights) and Adam's moments under
-    "adam.exp_avg.<param>" / "adam.exp_avg_sq.<param>". The tensors are the model's and the optimizer
-    state's own, so saving or loading this saves or loads them."""
-
-    def __init__(self, model: nn.Module, adam: _AdamState):
-        super().__init__()
-        self.mesh = getattr(model, "mesh", None)
-        for name, value in model.state_dict(keep_vars=True).items():
-            _set(self, name, value)
-        self.add_module("adam", adam)
-
-
-def _set(root: nn.Module, dotted: str, value: torch.Tensor) -> None:
-    *path, leaf = dotted.split(".")
-    for part in path:
-        if not hasattr(root, part):
-            root.add_module(part, nn.Module())
-        root = getattr(root, part)
-    if isinstance(value, nn.Parameter):
-        root.register_parameter(leaf, value)
-    else:
-        root.register_buffer(leaf, value)
-
-
-def _get(root: nn.Module, dotted: str) -> torch.Tensor:
-    for part in dotted.split("."):
-        root = getattr(root, part)
-    return root
-
-
-CHECKPOINT_KIND = "shardwise-train"
-
-
-def _rank() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def _rng_states() -> list[str]:
-    """Every global rank's CPU RNG state (base64), rank order: small enough for the index."""
-    mine = base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode("ascii")
-    rank, world = _rank()
-    if world == 1:
-        return [mine]
-    states = [None] * world
-    dist.all_gather_object(states, mine)
-    return states
-
-
-def checkpoint_exists(directory: Path) -> bool:
-    return (directory / "index.json").is_file() or (directory / "model" / "index.json").is_file()
-
-
-def save_checkpoint(directory: Path, model, opt, mesh, step: int, cfg: TrainConfig, losses: list, evals: list) -> None:
-    """Model, Adam moments and RNG states of `step` in ONE sharded checkpoint (collective)."""
-    state = {"kind": CHECKPOINT_KIND, "step": step, "config": asdict(cfg), "losses": losses, "evals": evals,
-             "rng": _rng_states()}  # fmt: skip
-    # optimizer_states is collective over dp with ZeRO (consolidated to dp rank 0, the ranks that save).
-    save_sharded(_TrainState(model, _AdamState(model, optimizer_states(opt))), directory, mesh, extra=state)
-
-
-def load_checkpoint(directory: Path, model, opt, mesh) -> dict:
-    """Restore model, Adam and (same world size) this rank's RNG from `directory`; the index's extra."""
-    if not (directory / "index.json").is_file() and (directory / "model" / "index.json").is_file():
-        return _load_legacy(directory, model, opt, mesh)
-    state = read_index(directory)["extra"]
-    if not isinstance(state, dict) or state.get("kind") != CHECKPOINT_KIND:
-        raise ValueError(f"{directory} holds a sharded checkpoint that `shardwise train` did not write; "
-                         "pass --out of a train run, or start without --resume")  # fmt: skip
-    adam = _AdamState(model, {})  # the shapes and shard metadata to load into
-    load_sharded(_TrainState(model, adam), directory, mesh)
-    adam.copy_into(model, opt, state["step"])
-    rank, world = _rank()
-    if len(state["rng"]) == world:  # at another world size the ranks keep their seeded RNG (batches do not use it)
-        torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["rng"][rank])), dtype=torch.uint8))
-    return state
-
-
-def _load_legacy(directory: Path, model, opt, mesh) -> dict:
-    """Checkpoints of earlier versions: model/, adam/ and rng/ saved one after another, each with its step.
-    A kill between those saves left parts of different steps; such a checkpoint is refused, naming them."""
-    state = read_index(directory / "model")["extra"]
-    steps = {"model/": state["step"], "adam/": read_index(directory / "adam")["extra"]["step"]}
-    # Every rank reads every rank's RNG file, so all ranks see the same parts and all refuse alike (a rank
-    # refusing alone would leave the others waiting in load_sharded's collectives).
-    rngs = {path.name: torch.load(path, weights_only=True) for path in sorted((directory / "rng").glob("rank-*.pt"))}
-    steps |= {f"rng/{name}": saved["step"] for name, saved in rngs.items()}
-    saved_rng = rngs.get(f"rank-{_rank()[0]:05d}.pt")
-    if len(set(steps.values())) > 1:
-        parts = ", ".join(f"{part} at step {step}" for part, step in steps.items())
-        raise ValueError(
-            f"checkpoint {directory} mixes steps ({parts}): a save was killed between its parts, so resuming "
-            "would continue from a model and optimizer that never existed together. Restore a consistent copy "
-            "or start without --resume"
-        )
-    load_sharded(model, directory / "model", mesh)
-    adam = _AdamState(model, {})
-    load_sharded(adam, directory / "adam", mesh)
-    adam.copy_into(model, opt, state["step"])
-    if saved_rng is not None:
-        torch.set_rng_state(saved_rng["cpu"])
-    return state
-
-
 # ---- the loop ------------------------------------------------------------------------------------
 
 
@@ -262,7 +128,11 @@ def train_rank(cfg: TrainConfig, data: torch.Tensor) -> dict | None:
     # DDP averages the gradients over dp during backward; `model` stays the GPT itself (profiled, evaluated and
     # checkpointed), `ddp` is what the step calls.
     ddp = wrap_ddp(model, mesh, bucket_mb=cfg.bucket_mb)
-    opt = make_optimizer(model.parameters(), mesh, torch.optim.Adam, zero=cfg.zero, lr=cfg.lr)
+
+    def new_optimizer(params, on_mesh):
+        return make_optimizer(params, on_mesh, torch.optim.Adam, zero=cfg.zero, lr=cfg.lr)
+
+    opt = new_optimizer(model.parameters(), mesh)
     split = int(0.9 * data.numel())
     train_data, eval_data = data[:split], data[split:]
     out = Path(cfg.out)
@@ -271,12 +141,17 @@ def train_rank(cfg: TrainConfig, data: torch.Tensor) -> dict | None:
         state = load_checkpoint(out / "checkpoint", model, opt, mesh)
         start_step, losses = state["step"], state["losses"]
         evals = [tuple(e) for e in state.get("evals", [])]
-    mine = slice(mesh.dp_rank * cfg.batch // mesh.dp_size, (mesh.dp_rank + 1) * cfg.batch // mesh.dp_size)
+    ctl = train_adaptive.controller(cfg, model_cfg, mesh, new_optimizer, out, lead) if cfg.adaptive else None
+    if ctl is not None:
+        ctl.attach(model, ddp, opt, mesh)
+    step_log = train_adaptive.JsonLines(out / "steps.jsonl" if lead else None, fresh=start_step == 0)
     bar = _bar(cfg, start_step) if lead else None
     tokens_per_step = cfg.batch * cfg.seq
-    prof = shardwise.profile(model)
+    prof, R_values = shardwise.profile(model), []
     started = time.perf_counter()
     for step in range(start_step, cfg.steps):
+        began = time.perf_counter()
+        mine = slice(mesh.dp_rank * cfg.batch // mesh.dp_size, (mesh.dp_rank + 1) * cfg.batch // mesh.dp_size)
         ids, targets = batch_at(train_data, step, cfg.batch, cfg.seq, cfg.seed)
         with prof:
             prof.begin()
@@ -285,15 +160,23 @@ def train_rank(cfg: TrainConfig, data: torch.Tensor) -> dict | None:
             opt.step()
             opt.zero_grad(set_to_none=True)
             record = prof.step()
+        R_values.append(record["R"])
         value = loss.detach().clone()
         if mesh.dp_size > 1:
             dist.all_reduce(value, group=mesh.dp_group)
             value /= mesh.dp_size
         losses.append(float(value))
+        step_s = time.perf_counter() - began
+        layout = ctl.layout.name if ctl is not None else f"tp{mesh.tp_size}dp{mesh.dp_size}-{mesh.placement}"
+        step_log({"step": step + 1, "time": time.time(), "step_s": step_s, "loss": losses[-1], "layout": layout,
+                  "tokens": tokens_per_step})  # fmt: skip
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             evals.append((step + 1, evaluate(model, eval_data, cfg, mesh)))
         if cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
             save_checkpoint(out / "checkpoint", model, opt, mesh, step + 1, cfg, losses, evals)
+        if ctl is not None and (switched := ctl.after_step(step + 1, step_s)) is not None:
+            model, ddp, opt, mesh = switched.model, switched.ddp, switched.optimizer, switched.mesh
+            prof = shardwise.profile(model)
         if bar is not None:
             rate = tokens_per_step * (step + 1 - start_step) / (time.perf_counter() - started)
             bar.update(1)
@@ -301,12 +184,16 @@ def train_rank(cfg: TrainConfig, data: torch.Tensor) -> dict | None:
                             eval=f"{evals[-1][1]:.3f}" if evals else "-")  # fmt: skip
         if cfg.kill_at_step is not None and step + 1 == cfg.kill_at_step and lead:
             os.kill(os.getpid(), 9)
+    step_log.close()
+    if ctl is not None:
+        ctl.close()
     if bar is not None:
         bar.close()
     if not lead:
         return None
     return {"losses": losses, "evals": evals, "start_step": start_step,
-            "R_median": sorted(s["R"] for s in prof.steps)[len(prof.steps) // 2] if prof.steps else None}  # fmt: skip
+            "R_median": sorted(R_values)[len(R_values) // 2] if R_values else None,
+            "switches": ctl.switches if ctl is not None else []}  # fmt: skip
 
 
 @torch.no_grad()

@@ -232,20 +232,22 @@ class Fabric:
 
     def torchrun(self, argv: Sequence[str], procs_per_node: int = 1, env: dict[str, str] | None = None,
                  timeout_s: float = 300.0, *, rate_at: Sequence[tuple[float, str | None]] = (), echo: bool = False,
-                 grace_s: float = 5.0):  # fmt: skip
+                 grace_s: float = 5.0, on_tick=None):  # fmt: skip
         """Run `argv` (e.g. ["python", "train.py", "--x", "1"]) as one torchrun job across every node.
 
         procs_per_node ranks per node; env added to each node's environment; rate_at [(seconds, rate)] changes
         the link rate at those times after the start; echo prints every node's output live, prefixed [node i].
         Returns a LabResult (returncodes, logs, ok); raises LabError after killing every node on timeout.
         When a node fails, the others get grace_s seconds to stop on their own, then are killed.
+        on_tick(seconds since start) is called every ~50 ms while the job runs (it may call set_rate: a rate
+        schedule driven by the job's progress rather than the clock; such changes are recorded too).
         """
         from .runner import run_job
 
         self._require_open()
         self._jobs += 1
         return run_job(self, list(argv), procs_per_node, dict(env or {}), timeout_s, rate_at=rate_at, echo=echo,
-                       grace_s=grace_s, job_index=self._jobs)  # fmt: skip
+                       grace_s=grace_s, job_index=self._jobs, on_tick=on_tick)  # fmt: skip
 
 
 class _Flock:

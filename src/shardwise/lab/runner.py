@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,7 +140,7 @@ def _tail(text: str, lines: int = 15) -> str:
 
 def run_job(fab, argv: list[str], procs_per_node: int, env: dict[str, str], timeout_s: float, *,
             rate_at: Sequence[tuple[float, str | None]], echo: bool, grace_s: float, job_index: int,
-            ) -> LabResult:  # fmt: skip
+            on_tick: Callable[[float], None] | None = None) -> LabResult:  # fmt: skip
     """Fabric.torchrun's body (see there)."""
     if isinstance(procs_per_node, bool) or not isinstance(procs_per_node, int) or procs_per_node < 1:
         raise LabConfigError(f"procs_per_node must be an integer >= 1, got {procs_per_node!r}")
@@ -183,6 +183,11 @@ def run_job(fab, argv: list[str], procs_per_node: int, env: dict[str, str], time
                 _, rate = schedule.pop(0)
                 fab.set_rate(rate)
                 changes.append((round(now, 3), fab.rate))
+            if on_tick is not None:
+                before = fab.rate
+                on_tick(now)  # e.g. a rate change when the job's progress file reaches a step
+                if fab.rate != before:
+                    changes.append((round(now, 3), fab.rate))
             codes = [p.poll() for p in procs]
             if echo_fn:
                 echo_fn()
