@@ -4,10 +4,11 @@ and agree() over real ranks with real (observed) collectives."""
 import random
 
 import pytest
+from traces import dp_events, event, lab_hardware, machine_noise, skew, tp_events, true_time
+
 import shardwise
 from shardwise.adaptive import LinkEstimate, LinkEstimator, reference_link
 from shardwise.planner.hardware import GroupSpan
-from traces import dp_events, event, lab_hardware, machine_noise, skew, tp_events, true_time
 
 LAT, RATE = 2e-4, 125e6  # per ring step; 1 Gbit/s
 INTER = GroupSpan(2, "inter", 1)
@@ -111,6 +112,7 @@ def test_bad_arguments_say_what_to_do():
 def _agree_checks():
     import torch
     import torch.distributed as dist
+
     from shardwise import comm
     from shardwise.data_parallel import wrap_ddp
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from shardwise.comm.events import CollectiveEvent
 from shardwise.data_parallel import DP_TAG
 from shardwise.planner.hardware import ring_steps

@@ -232,6 +232,10 @@ class Replanner:
         if why is not None:
             self._streak = (None, 0)
             return decision(None, why)
+        if measured_step_s is not None and measured is None:
+            # measurement wins only with a baseline: the switch-back compares against this layout's median
+            self._streak = (None, 0)
+            return decision(None, f"measuring {current.name} first ({self.every} steps) before switching")
         streak = self._streak[1] + 1 if self._streak[0] == best.name else 1
         self._streak = (best.name, streak)
         if streak < self.patience:
