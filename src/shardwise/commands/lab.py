@@ -1,4 +1,4 @@
-"""`shardwise lab run | clean | show`: the fabric lab from the command line."""
+"""`shardwise lab run | clean | show | adaptive`: the fabric lab from the command line (adaptive: lab_adaptive.py)."""
 
 from __future__ import annotations
 
@@ -37,6 +37,9 @@ def add_parser(sub) -> None:
     clean = lsub.add_parser("clean", help="remove left-over lab namespaces (swlab-*) and their processes")
     clean.add_argument("--all", action="store_true", help="also remove fabrics a running lab still owns")
     lsub.add_parser("show", help="list the lab fabrics on this host: namespaces, addresses, rates, processes")
+    from .lab_adaptive import add_parser as add_adaptive
+
+    add_adaptive(lsub)
 
 
 def _rate_schedule(parser, items: list[str]) -> list[tuple[float, str | None]]:
@@ -94,6 +97,10 @@ def main(parser, args) -> int:
 
     if args.lab_command == "run":
         return _run(parser, args)
+    if args.lab_command == "adaptive":
+        from .lab_adaptive import run
+
+        return run(args)
     try:
         if args.lab_command == "clean":
             removed = clean(include_live=args.all)

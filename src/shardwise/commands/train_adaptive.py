@@ -41,6 +41,22 @@ def parse_layouts(text: str | None) -> list[Layout] | None:
     return [Layout.parse(part.strip()) for part in text.split(",") if part.strip()]
 
 
+def brief(record: dict) -> str:
+    """One readable line for a controller record (the JSON line has every number)."""
+    if record.get("kind") == "decision":
+        links = ", ".join(f"{k} {e['bandwidth_Bps'] * 8 / 1e6:.0f} Mbit/s (-{e['rel_uncertainty']:.0%})"
+                          for k, e in record["estimates"].items())  # fmt: skip
+        pred = ", ".join(f"{k} {v * 1e3:.0f}" for k, v in sorted(record["predicted_s"].items(), key=lambda kv: kv[1]))
+        measured = f"{record['measured_s'] * 1e3:.0f} ms" if record.get("measured_s") else "-"
+        verdict = f"-> {record['switch_to']}" if record["switch_to"] else "stays"
+        return (f"step {record['step']}: {record['current']} {verdict} ({record['reason']}); links {links or '-'}; "
+                f"predicted ms {pred}; measured {measured}")  # fmt: skip
+    if record.get("kind") == "switch":
+        return (f"step {record['step']}: switched {record['from']} -> {record['to']} in {record['seconds']:.2f} s "
+                f"({record['bytes_moved'] / 2**20:.1f} MiB sent by rank 0)")  # fmt: skip
+    return json.dumps(record)
+
+
 class JsonLines:
     """Appends JSON lines to a file (rank 0 only; the others get a no-op), flushed per line so a watcher
     (the lab's step-driven rate schedule) sees each line as soon as it is written."""
@@ -52,10 +68,9 @@ class JsonLines:
     def __call__(self, record: dict) -> None:
         if self.file is None:
             return
-        line = json.dumps(record)
-        self.file.write(line + "\n")
+        self.file.write(json.dumps(record) + "\n")
         if self.echo:
-            print(f"adaptive: {line}", file=sys.stderr, flush=True)
+            print(f"adaptive: {brief(record)}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.file is not None:
