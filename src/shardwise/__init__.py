@@ -35,6 +35,7 @@ from .mesh import Mesh, get_mesh, init_mesh, set_default_mesh
 from .nn import GPT, GPTConfig, ParallelAttention, ParallelMLP, ParallelTransformerBlock
 from .planner import costmodel
 from .profiler import Profile, profile
+from .reshard import Layout, reshard_training, switch_mesh
 
 # Stable module paths from v0.1: `import shardwise.costmodel` / `from shardwise.plans import for_model`.
 _sys.modules[__name__ + ".costmodel"] = costmodel
@@ -79,4 +80,7 @@ __all__ = [
     "save_sharded",
     "set_default_mesh",
     "vocab_parallel_cross_entropy",
+    "Layout",
+    "reshard_training",
+    "switch_mesh",
 ]

@@ -19,6 +19,9 @@ import torch.distributed as dist
 
 _default_mesh: Mesh | None = None  # what `mesh=None` means
 _built_mesh: Mesh | None = None  # the mesh init_mesh() made: a second call returns it instead of new groups
+# Every grid built on this world, by (tp, dp, placement): switching back to one (use_grid) reuses its groups,
+# since each new_group is a collective over the whole world and holds handles until destroyed.
+_grids: dict[tuple[int, int, str], Mesh] = {}
 _joins = 0  # process groups this process joined: a fresh key prefix each time, so stale keys never count
 DEFAULT_TIMEOUT_S = 300.0  # rendezvous and collectives, when neither timeout_s nor $SHARDWISE_TIMEOUT_S says
 PLACEMENTS = ("tp-inner", "dp-inner")  # which dimension's ranks are adjacent (see the module doc)
@@ -99,11 +102,10 @@ def init_mesh(tp: int, dp: int = 1, *, placement: str = "tp-inner", backend: str
     before issuing it and a mismatch raises naming both call sites (comm.checks; as SHARDWISE_DEBUG_COLLECTIVES=1).
     """
     global _default_mesh, _built_mesh
-    if not isinstance(tp, int) or not isinstance(dp, int) or tp < 1 or dp < 1:
-        raise ValueError(f"tp and dp must be positive integers, got tp={tp!r}, dp={dp!r}")
-    _check_placement(placement)
+    _check_request(tp, dp, placement)
     if _built_mesh is not None and not dist.is_initialized():
         _built_mesh = None  # the process group was destroyed under us: its mesh is gone with it
+        _grids.clear()
     if _built_mesh is not None:
         built = _built_mesh
         if (built.tp_size, built.dp_size, built.placement) != (tp, dp, placement):
@@ -142,10 +144,47 @@ def init_mesh(tp: int, dp: int = 1, *, placement: str = "tp-inner", backend: str
         # A script that returns with the group alive (the usual torchrun script) can die in gloo's
         # threads at interpreter exit ("terminate called without an active exception"): tear down first.
         atexit.register(_destroy_process_group)
+    _agree(tp, dp, placement)
+    mesh = _grids.get((tp, dp, placement)) or _build_grid(tp, dp, placement, debug)
+    _default_mesh = _built_mesh = mesh
+    return mesh
+
+
+def use_grid(tp: int, dp: int = 1, *, placement: str = "tp-inner", timeout_s: float | None = None) -> Mesh:
+    """Switch this process's mesh to the tp x dp grid under `placement`, on the world already joined (joins it
+    through init_mesh if not yet). Collective over the world: every rank calls it with the same grid. A grid built
+    before (by init_mesh or here) comes back with its own process groups, so switching back and forth creates
+    none; a new grid's groups get `timeout_s` (None: the world's). The result becomes the default mesh and what
+    init_mesh(tp, dp, placement=...) returns from then on. Layers built on the previous mesh keep using its groups:
+    rebuild them on this one (shardwise.reshard moves a training state across)."""
+    global _default_mesh, _built_mesh
+    _check_request(tp, dp, placement)
+    if not dist.is_initialized():
+        return init_mesh(tp, dp, placement=placement, timeout_s=timeout_s)
+    if _built_mesh is not None:
+        _grids.setdefault((_built_mesh.tp_size, _built_mesh.dp_size, _built_mesh.placement), _built_mesh)
+    _agree(tp, dp, placement)
+    debug = _built_mesh is not None and _built_mesh.debug
+    mesh = _grids.get((tp, dp, placement))
+    if mesh is None:
+        mesh = _build_grid(tp, dp, placement, debug, timeout_s)
+    elif mesh.debug != debug:
+        mesh = _grids[(tp, dp, placement)] = replace(mesh, debug=debug)
+    _default_mesh = _built_mesh = mesh
+    return mesh
+
+
+def _check_request(tp, dp, placement: str) -> None:
+    if not isinstance(tp, int) or not isinstance(dp, int) or tp < 1 or dp < 1:
+        raise ValueError(f"tp and dp must be positive integers, got tp={tp!r}, dp={dp!r}")
+    _check_placement(placement)
+
+
+def _agree(tp: int, dp: int, placement: str) -> None:
+    """Raise on every rank unless every rank asks for the same grid and it fills the world (creating groups
+    for different grids would hang)."""
     world_size = dist.get_world_size()
-    rank = dist.get_rank()
     if world_size > 1:
-        # Every rank must ask for the same grid, or the group creation below would hang: compare first.
         asked = [None] * world_size
         dist.all_gather_object(asked, (tp, dp, placement))
         if len(set(asked)) > 1:
@@ -155,16 +194,21 @@ def init_mesh(tp: int, dp: int = 1, *, placement: str = "tp-inner", backend: str
             )
     _check_grid(tp, dp, world_size)
 
+
+def _build_grid(tp: int, dp: int, placement: str, debug: bool, timeout_s: float | None = None) -> Mesh:
+    """This rank's Mesh of a new tp x dp grid, its groups created (collective over the world), and cached."""
+    rank = dist.get_rank()
+    timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
     tp_group = dp_group = None
     # new_group is collective over the whole world: every rank creates every group, in the same order.
     for dp_index in range(dp):
         ranks = [global_rank(t, dp_index, tp, dp, placement) for t in range(tp)]
-        group = dist.new_group(ranks) if tp > 1 else None
+        group = dist.new_group(ranks, timeout=timeout) if tp > 1 else None
         if rank in ranks:
             tp_group = group
     for tp_index in range(tp):
         ranks = [global_rank(tp_index, d, tp, dp, placement) for d in range(dp)]
-        group = dist.new_group(ranks) if dp > 1 else None
+        group = dist.new_group(ranks, timeout=timeout) if dp > 1 else None
         if rank in ranks:
             dp_group = group
 
@@ -185,7 +229,7 @@ def init_mesh(tp: int, dp: int = 1, *, placement: str = "tp-inner", backend: str
         placement=placement,
     )
     assert mesh.rank == rank  # the two formulas above and global_rank agree
-    _default_mesh = _built_mesh = mesh
+    _grids[(tp, dp, placement)] = mesh
     return mesh
 
 
@@ -227,21 +271,26 @@ def _rendezvous(rank: int, world_size: int, timeout_s: float) -> dist.Store:
 
 
 def destroy_mesh() -> None:
-    """Forget the mesh init_mesh() built and destroy its tp/dp groups (the world group stays), so the
-    next init_mesh() may ask for another grid. Collective in spirit: call it on every rank."""
+    """Forget the mesh init_mesh() built (and every grid use_grid() switched through) and destroy their tp/dp
+    groups (the world group stays), so the next init_mesh() may ask for another grid. Collective in spirit:
+    call it on every rank."""
     global _default_mesh, _built_mesh
     mesh, _built_mesh = _built_mesh, None
-    if _default_mesh is mesh:
+    meshes = [m for m in (mesh, *_grids.values()) if m is not None]
+    _grids.clear()
+    if any(_default_mesh is m for m in meshes):
         _default_mesh = None
-    if mesh is None or not dist.is_initialized():
+    if not meshes or not dist.is_initialized():
         return
-    for group in {id(g): g for g in (mesh.tp_group, mesh.dp_group) if g is not None}.values():
+    groups = {id(g): g for m in meshes for g in (m.tp_group, m.dp_group) if g is not None}
+    for group in groups.values():
         dist.destroy_process_group(group)
 
 
 def _destroy_process_group() -> None:
     global _default_mesh, _built_mesh
     _default_mesh = _built_mesh = None
+    _grids.clear()
     if dist.is_initialized():
         dist.destroy_process_group()
 
