@@ -1,5 +1,5 @@
-"""Live resharding (shardwise.reshard) on 4 gloo ranks, ONE launch: a GPT trained with Adam is moved through a chain
-of layouts (tp 2 <-> 4 with dp 2 / 1, placement tp-inner <-> dp-inner, SP off -> on -> off, tp1dp4 -> tp2dp2 with
+"""Live resharding (shardwise.live_reshard) on 4 gloo ranks, ONE launch: a GPT trained with Adam is moved through a
+chain of layouts (tp 2 <-> 4 with dp 2 / 1, placement tp-inner <-> dp-inner, SP off -> on -> off, tp1dp4 -> tp2dp2 with
 ZeRO). At each switch: (1) the full weights and Adam moments right after equal those right before (exact, padding
 dropped), and equal, padding included, what a checkpoint saved before the switch and loaded at the new layout gives;
 (2) the next losses equal that checkpoint run's; (3) every loss of the chain equals an independent plain-torch RefGPT
@@ -18,8 +18,8 @@ from nn.reference import RefGPT
 from shardwise import rng
 from shardwise.commands.train import TrainConfig, load_checkpoint, save_checkpoint
 from shardwise.data_parallel import make_optimizer, optimizer_states, wrap_ddp
+from shardwise.live_reshard import Layout, reshard_training
 from shardwise.nn import GPT, GPTConfig
-from shardwise.reshard import Layout, reshard_training
 from shardwise.sharding import dense_layout, full_parameters, place, shard_spec
 
 # 253: padded to 254 at tp=2 and 256 at tp=4, so padding rows differ between layouts; 6 heads with 2 kv heads:

@@ -31,11 +31,11 @@ from .layers import (
     vocab_parallel_cross_entropy,
 )
 from .layers.norm import Norm
+from .live_reshard import Layout, reshard_training, switch_mesh
 from .mesh import Mesh, get_mesh, init_mesh, set_default_mesh
 from .nn import GPT, GPTConfig, ParallelAttention, ParallelMLP, ParallelTransformerBlock
 from .planner import costmodel
 from .profiler import Profile, profile
-from .reshard import Layout, reshard_training, switch_mesh
 
 # Stable module paths from v0.1: `import shardwise.costmodel` / `from shardwise.plans import for_model`.
 _sys.modules[__name__ + ".costmodel"] = costmodel

@@ -1,7 +1,13 @@
-"""Run a function on N local ranks: spawned processes, torchrun's environment variables, gloo.
+"""Run a function on N local ranks: fresh processes, torchrun's environment variables, gloo.
 
 The rank function calls `shardwise.init_mesh(...)` itself, exactly as it would under torchrun, so the
 same function runs unchanged under both.
+
+Ranks are forked from a fork server (multiprocessing's "forkserver") that imported torch and shardwise once:
+a spawned rank pays the interpreter start and `import torch` every time (2-5 s per launch on a 2-core box), a
+fork-served one about 0.1 s after the server's first start. The server is a clean interpreter started on first
+use (no threads, no process group: safe to fork); each rank gets the launcher's CURRENT environment, not the
+server's. SHARDWISE_START_METHOD=spawn goes back to spawning (and is what platforms without fork servers use).
 """
 
 from __future__ import annotations
@@ -51,8 +57,25 @@ def _die_with_parent() -> None:
             pass
 
 
+_PRELOAD = ["torch", "torch.distributed", "shardwise"]
+
+
+def _context():
+    """The multiprocessing context ranks start from: a fork server with torch and shardwise imported (see the
+    module doc), or spawn where there is none or SHARDWISE_START_METHOD=spawn asks for it."""
+    method = os.environ.get("SHARDWISE_START_METHOD", "forkserver")
+    if method not in ("forkserver", "spawn"):
+        raise ValueError(f"SHARDWISE_START_METHOD must be 'forkserver' or 'spawn', got {method!r}")
+    if method == "forkserver" and "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(_PRELOAD)  # read when the server starts (first use); later calls are no-ops
+        return ctx
+    return mp.get_context("spawn")
+
+
 def _rank_main(rank: int, world_size: int, env: dict[str, str], fn, args, results) -> None:
     _die_with_parent()
+    os.environ.clear()  # the launcher's environment now (a fork server's own is the one it started with)
     os.environ.update(env)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank))
     try:
@@ -95,6 +118,7 @@ def launch(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float
     if not comm_timeout_s > 0:
         raise ValueError(f"comm_timeout_s must be a positive number of seconds, got {comm_timeout_s!r}")
     env = {
+        **os.environ,
         "WORLD_SIZE": str(world_size),
         "LOCAL_WORLD_SIZE": str(world_size),
         "MASTER_ADDR": "127.0.0.1",
@@ -104,7 +128,7 @@ def launch(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float
     }
     if "GLOO_SOCKET_IFNAME" not in os.environ and sys.platform.startswith("linux"):
         env["GLOO_SOCKET_IFNAME"] = "lo"
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     results = ctx.Queue()
     procs = [
         ctx.Process(target=_rank_main, args=(rank, world_size, env, fn, args, results), daemon=True)

@@ -156,7 +156,7 @@ def use_grid(tp: int, dp: int = 1, *, placement: str = "tp-inner", timeout_s: fl
     before (by init_mesh or here) comes back with its own process groups, so switching back and forth creates
     none; a new grid's groups get `timeout_s` (None: the world's). The result becomes the default mesh and what
     init_mesh(tp, dp, placement=...) returns from then on. Layers built on the previous mesh keep using its groups:
-    rebuild them on this one (shardwise.reshard moves a training state across)."""
+    rebuild them on this one (shardwise.live_reshard moves a training state across)."""
     global _default_mesh, _built_mesh
     _check_request(tp, dp, placement)
     if not dist.is_initialized():

@@ -15,7 +15,7 @@ from shardwise.planner.profiles import from_calibration
 from shardwise.planner.workload import gpt_config
 
 try:
-    from shardwise.reshard import Layout
+    from shardwise.live_reshard import Layout
 except ImportError:  # helper A's module not there yet: the documented interface
 
     @dataclass(frozen=True)

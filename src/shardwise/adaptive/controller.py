@@ -25,9 +25,9 @@ import torch
 import torch.distributed as dist
 
 from .. import comm
+from ..live_reshard import Layout, reshard_training
 from ..planner.topology import span
 from ..planner.workload import gpt_config
-from ..reshard import Layout, reshard_training
 from .bandwidth import LinkEstimator
 from .replanner import Replanner
 

@@ -100,7 +100,7 @@ def model_switch_cost(cfg: ModelConfig, hw: Hardware, current, target, rebuild_s
 
 
 class Replanner:
-    """candidates: layouts (objects with tp, dp, placement, sequence_parallel and .name, e.g. reshard.Layout) on
+    """candidates: layouts (objects with tp, dp, placement, sequence_parallel and .name, e.g. live_reshard.Layout) on
     `devices` ranks; global_batch: sequences per step (fixed across layouts). switch_cost_s: None (the model:
     model_switch_cost, replaced by the mean of measured switches once record_switch() has any), a float (seconds),
     or a callable (current, target, live Hardware) -> seconds. cooldown_steps: default 2 * every * patience."""

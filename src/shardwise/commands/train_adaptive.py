@@ -16,8 +16,8 @@ from pathlib import Path
 import torch.distributed as dist
 
 from ..adaptive.controller import AdaptiveController, candidate_layouts
+from ..live_reshard import Layout
 from ..planner.profiles import from_calibration
-from ..reshard import Layout
 
 
 def hardware(calibration: str | None, mesh):
@@ -62,6 +62,8 @@ class JsonLines:
     (the lab's step-driven rate schedule) sees each line as soon as it is written."""
 
     def __init__(self, path: Path | None, echo: bool = False, fresh: bool = True):
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(path, "w" if fresh else "a", buffering=1) if path is not None else None  # noqa: SIM115
         self.echo = echo
 

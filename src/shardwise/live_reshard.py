@@ -115,7 +115,7 @@ def _check_request(model: GPT, layout: Layout) -> None:
     if not isinstance(model, GPT):
         raise TypeError(f"reshard_training moves a shardwise GPT (ddp.module), got {type(model).__name__}")
     if not isinstance(layout, Layout):
-        raise TypeError(f"layout must be a shardwise.reshard.Layout (Layout.parse('2:2')), got {layout!r}")
+        raise TypeError(f"layout must be a shardwise.live_reshard.Layout (Layout.parse('2:2')), got {layout!r}")
     pending = any(p.grad is not None and bool(p.grad.any()) for p in model.parameters())
     world = dist.get_world_size() if dist.is_initialized() else 1
     asked = [(layout, pending)]
