@@ -155,3 +155,32 @@ def test_bad_candidates_say_what_to_fix():
         Replanner(LAB_CFG, HW, 2, [], LAB_BATCH)
     with pytest.raises(ValueError, match="twice"):
         Replanner(LAB_CFG, HW, 2, [DP, DP], LAB_BATCH)
+
+
+def _round_trip(probe: bool):
+    """DP measures 85 ms on a fast link; the link drops (the estimate sees it: DP's big buckets) and the re-planner
+    moves to TP, which measures 265 ms; the link comes back but TP's small blocking collectives cannot resolve it
+    (the estimate stays low, as measured in the lab) while TP's step time falls to 130 ms; DP's buckets do resolve
+    it. Returns the switches."""
+    rp = replanner(every=5, patience=2)
+    if not probe:
+        rp._probe = lambda *a, **k: None  # the mutant: no re-try on measurement
+    fast, slow = at(5e9 / 8), at(20e6 / 8)
+    times = {"peak": {DP.name: 0.085, TP.name: 0.130}, "low": {DP.name: 0.93, TP.name: 0.265}}
+    layout, switches = DP, []
+    for step in range(1, 141):
+        phase = "peak" if step <= 40 or step > 80 else "low"
+        est = fast if phase == "peak" and layout == DP else slow
+        d = rp.decide(step, layout, est, times[phase][layout.name])
+        if d.switch_to:
+            switches.append((step, layout.name, d.switch_to, d.reason))
+            layout = next(c for c in CANDIDATES if c.name == d.switch_to)
+    return switches
+
+
+def test_tries_the_layout_that_measured_faster_when_the_step_time_shows_the_link_came_back():
+    switches = _round_trip(probe=True)
+    assert [(frm, to) for _, frm, to, _ in switches] == [(DP.name, TP.name), (TP.name, DP.name)], switches
+    assert 40 < switches[0][0] <= 80 < switches[1][0] <= 110, switches  # down in the low phase, back soon after
+    assert "the link got faster" in switches[1][3]
+    assert _round_trip(probe=False) == switches[:1]  # without the probe the estimate alone never brings DP back

@@ -139,6 +139,9 @@ class Replanner:
         self._banned: dict[str, dict[str, float]] = {}  # layout name -> link rates at the verdict
         self._switch_costs: list[float] = []
         self.decisions: list[Decision] = []
+        self._best_measured: dict[str, float] = {}  # layout name -> fastest median it ever measured
+        self._arrival_median: float | None = None  # the current visit's first median
+        self._probe_streak = 0
 
     # ---- inputs ----------------------------------------------------------------------------------------
     def record_switch(self, seconds: float) -> None:
@@ -148,6 +151,8 @@ class Replanner:
     def _record_measurement(self, current, measured_step_s: float | None) -> None:
         if current.name != self._last_layout:  # arrived (switch, or first call): skip the warm-up steps
             self._last_layout, self._settling = current.name, self.settle_steps
+            self._measured[current.name] = deque(maxlen=self.every)  # this visit's steps only
+            self._arrival_median = None
         if measured_step_s is None:
             return
         if self._settling > 0:
@@ -196,6 +201,10 @@ class Replanner:
         measured = self._median(current.name)
         if not self.due(step):
             return Decision(step, current.name, None, {}, measured, 0.0, 0.0, "not due", est)
+        if measured is not None:  # what _probe remembers, kept at every due decision (cool-down included)
+            self._best_measured[current.name] = min(measured, self._best_measured.get(current.name, math.inf))
+            if self._arrival_median is None:
+                self._arrival_median = measured
         hw = live_hardware(self.hw, estimates)
         predicted = self.predict_all(hw)
         best = min(self.candidates, key=lambda c: predicted[c.name])  # first of equals: the given order
@@ -219,6 +228,13 @@ class Replanner:
             self._streak = (None, 0)
             return decision(None, f"cool-down after the switch at step {last['step']} "
                                   f"(until step {last['step'] + self.cooldown_steps})")  # fmt: skip
+        probe = self._probe(current, measured, cost_of=lambda target: self.switch_cost(current, target, hw))
+        if probe is not None:
+            target, reason = probe
+            self._streak = (None, 0)
+            self._last_switch = {"step": step, "from": current.name, "to": target, "back": False,
+                                 "from_measured": measured}  # fmt: skip
+            return decision(target, reason)
         if best.name == current.name:
             self._streak = (None, 0)
             return decision(None, "current layout is the predicted best")
@@ -245,6 +261,41 @@ class Replanner:
                              "from_measured": self._median(current.name)}  # fmt: skip
         return decision(best.name, f"predicted {gain / cur_pred:.1%} faster ({gain:.3g} s/step repays "
                                    f"{cost:.3g} s in {cost / gain:.0f} steps)", streak)  # fmt: skip
+
+    def _probe(self, current, measured: float | None, cost_of: Callable):
+        """(target, reason) to try a layout again on measurement alone, else None.
+
+        Why: a layout's own collectives cannot always resolve a fast link. With tp across nodes the messages are
+        small and a blocking gloo call's time is mostly waiting for the slower rank, so when the link comes back
+        to its full rate the estimate stays low (measured in the lab: 35-140 Mbit/s on an unshaped link) and the
+        model keeps the layout chosen for the slow link. The step time does see it: when the current layout's
+        median falls below 1/`relearn` of its median on arrival, the link got faster, and a layout that MEASURED
+        faster (its fastest median ever) than the current one does now is tried again, if the gain repays the
+        switch within the horizon. It counts as a switch: if the layout measures slower than the one it left,
+        _switch_back returns and holds it off."""
+        if measured is None or self._arrival_median is None:
+            return None
+        faster = measured * self.relearn < self._arrival_median
+        options = [
+            (t, name)
+            for name, t in self._best_measured.items()
+            if name != current.name and name not in self._banned and t * (1 + self.margin) < measured
+        ]
+        if not faster or not options:
+            self._probe_streak = 0
+            return None
+        best_t, name = min(options)
+        target = next(c for c in self.candidates if c.name == name)
+        if (measured - best_t) * self.horizon_steps <= cost_of(target):
+            self._probe_streak = 0
+            return None
+        self._probe_streak += 1
+        if self._probe_streak < self.patience:
+            return None
+        self._probe_streak = 0
+        return name, (f"the link got faster: {current.name} now {measured * 1e3:.0f} ms/step, "
+                      f"{self._arrival_median * 1e3:.0f} on arrival; {name} measured {best_t * 1e3:.0f} ms/step "
+                      f"when the link was fast: trying it again (measurement decides)")  # fmt: skip
 
     def _switch_back(self, current, step: int, rates: dict):
         """(switch_to, reason) when the layout we switched to measures slower than the one we left, else None."""
