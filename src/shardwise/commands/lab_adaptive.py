@@ -157,8 +157,11 @@ def run(args) -> int:
     low = _rate_name(peak_bits // 5) if args.low == "20%" else args.low
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    text = out / "text.txt"  # fetched here, on the host's network: the lab's nodes have none
+    from .registry import default_cache_dir
+
+    text = default_cache_dir() / "shakespeare.txt"  # fetched here, on the host's network: the lab's nodes have none
     if not text.is_file():
+        text.parent.mkdir(parents=True, exist_ok=True)
         text.write_bytes(bytes(load_tokens(None).to(dtype=__import__("torch").uint8).tolist()))
     world = args.nodes * args.procs_per_node
     env = {"OMP_NUM_THREADS": "1"}
