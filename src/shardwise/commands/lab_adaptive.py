@@ -41,6 +41,8 @@ def add_parser(lsub) -> None:
     p.add_argument("--quick", action="store_true", help="40 steps per phase (under 3 minutes)")
     p.add_argument("--constant", action="store_true", help="adaptive only, peak rate throughout: count switches")
     p.add_argument("--best-low", action="store_true", help="also run the low rate's best layout statically")
+    p.add_argument("--static", default=None, metavar="TP:DP[:PLACEMENT]",
+                   help="the static layout (default: the planner's pick at --peak)")  # fmt: skip
     p.add_argument("--replan-every", type=int, default=5)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=2)
@@ -181,6 +183,11 @@ def run(args) -> int:
             print(f"lab adaptive: {args.nodes} nodes x {args.procs_per_node}, peak {args.peak}, low {low}; planner: "
                   f"{static.name} at peak ({_ms(predicted_peak)}), {best_low.name} at {low} "
                   f"({_ms(predicted_low)})", flush=True)  # fmt: skip
+            if args.static:
+                from shardwise.live_reshard import Layout
+
+                static = Layout.parse(args.static)
+                print(f"lab adaptive: static layout {static.name} (--static)", flush=True)
             plan = [("adaptive", static, True)] if args.constant else [("static", static, False),
                                                                        ("adaptive", static, True)]  # fmt: skip
             if args.best_low and not args.constant:
@@ -206,6 +213,7 @@ def run(args) -> int:
         print(f"shardwise lab adaptive: error: {exc}", file=sys.stderr)
         return 1
     summary = _summarise(runs, per_phase, phases, args, low, static, best_low, time.perf_counter() - began)
+    summary["planner_predicted_s"] = {"peak": predicted_peak, "low": predicted_low}
     (out / "summary.json").write_text(json.dumps({**summary, "runs": runs}, indent=1))
     from .lab_adaptive_report import chart, table
 

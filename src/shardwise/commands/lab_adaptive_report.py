@@ -16,8 +16,8 @@ def table(summary: dict) -> str:
         if best:
             row += f" {best.get(phase, float('nan')):>12.0f}"
         lines.append(row)
-    lines.append(f"static layout {summary['static_layout']} (the planner's pick at {summary['peak']}); planner's pick "
-                 f"at {summary['low']}: {summary['best_low_layout']}")  # fmt: skip
+    lines.append(f"static layout {summary['static_layout']}; planner's pick at {summary['low']}: "
+                 f"{summary['best_low_layout']}")  # fmt: skip
     for s in summary["switches"]:
         lines.append(f"switch after step {s['step']}: {s['from']} -> {s['to']} ({s['seconds']:.2f} s)")
     if not summary["switches"]:
