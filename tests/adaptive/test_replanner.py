@@ -1,6 +1,8 @@
 """Replanner.decide on synthetic estimates and simulated runs, with the lab's 2 nodes x 1 rank calibration
 (GPT h=256: pure dp wins at the calibrated 1 Gbit/s, tp over the nodes once the link is slow)."""
 
+import copy
+import dataclasses
 import json
 import random
 
@@ -184,3 +186,22 @@ def test_tries_the_layout_that_measured_faster_when_the_step_time_shows_the_link
     assert 40 < switches[0][0] <= 80 < switches[1][0] <= 110, switches  # down in the low phase, back soon after
     assert "the link got faster" in switches[1][3]
     assert _round_trip(probe=False) == switches[:1]  # without the probe the estimate alone never brings DP back
+
+
+def test_a_clamped_calibration_fit_is_no_reference():
+    """A quick calibration of a fast link can fit beta to ~0 (clamped, 1e-15 s/B). Taken as the reference rate, a
+    live estimate scaled that class's collectives by ~1e6 (predicted steps of hours, seen in the lab); such fits
+    are skipped for a resolved fit of the class, or there is no reference (no scaling) at all."""
+    fits = copy.deepcopy(HW.fits)
+    for f in fits.values():
+        for part in (f, f.get("transfer_fit") or {}):
+            part["beta_s_per_byte"] = 1e-15
+    clamped = dataclasses.replace(HW, fits=fits)
+    assert reference_link(clamped, "inter") is None
+    live = live_hardware(clamped, at(REF.bandwidth / 10))
+    tp_span = span(2, 1, "tp-inner", "tp", 1)
+    assert live.collective("all_reduce", 2**20, tp_span) == pytest.approx(clamped.collective("all_reduce", 2**20,
+                                                                                            tp_span))  # fmt: skip
+    one_ok = {**fits, ("inter", "all_gather", 2): HW.fits[("inter", "all_gather", 2)]}
+    ref = reference_link(dataclasses.replace(HW, fits=one_ok), "inter")
+    assert ref is not None and ref.bandwidth < 1e12

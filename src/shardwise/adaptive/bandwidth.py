@@ -34,6 +34,7 @@ from ..data_parallel import DP_TAG
 from ..planner.hardware import GroupSpan, Hardware, Link, link_from_fit, ring_steps
 
 CLASSES = ("intra", "inter", "mixed")
+MIN_BETA_S_PER_BYTE = 1e-13  # 10 TB/s: a calibrated beta below it is a clamped fit, not a link
 _ABSENT = -1e18  # agree(): a rank without an estimate of a class contributes this to the MAX all-reduce
 
 
@@ -68,10 +69,14 @@ def reference_link(hw: Hardware, klass: str) -> Link | None:
     hops are inter hops: 'mixed' is 'inter'. None when the calibration measured no such class."""
     klass = "inter" if klass == "mixed" else klass
     fits = sorted(((op != "all_reduce", m, op), f) for (c, op, m), f in hw.fits.items() if c == klass)
+    # a fit whose beta the calibration clamped to ~0 (its sizes could not resolve the link: seen in a quick
+    # calibration of an unshaped lab link) is no reference: scaling by it made every intra collective take hours
+    fits = [(key, f, f.get("transfer_fit") or f) for key, f in fits]
+    fits = [item for item in fits if item[2].get("beta_s_per_byte", 0.0) > MIN_BETA_S_PER_BYTE]
     if not fits:
         return None
-    (_, m, op), f = fits[0]
-    link = link_from_fit(op, f.get("transfer_fit") or f, m)
+    (_, m, op), f, transfer = fits[0]
+    link = link_from_fit(op, transfer, m)
     if klass == "inter":  # the calibration's concurrent groups shared the node link: one flow gets all of it
         link = Link(link.latency_s, link.bandwidth * f.get("concurrent_groups", 1))
     return link

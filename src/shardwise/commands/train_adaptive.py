@@ -90,8 +90,10 @@ def controller(cfg, model_cfg, mesh, make_optimizer, out: Path, lead: bool) -> A
             raise ValueError(f"--adaptive-layouts: {c.name} does not fit {world} ranks, {cfg.heads} heads and "
                              f"--batch {cfg.batch}: tp must divide the heads, dp the batch")  # fmt: skip
     log = JsonLines(out / "adaptive.jsonl" if lead else None, echo=True, fresh=not cfg.resume)
+    # everything the Replanner was built from, so the log replays (tests/adaptive/test_replay.py)
     log({"kind": "start", "time": time.time(), "layout": layout.name, "candidates": [c.name for c in candidates],
-         "every": cfg.replan_every})  # fmt: skip
+         "every": cfg.replan_every, "model": model_cfg.to_dict(), "seq": cfg.seq, "global_batch": cfg.batch,
+         "bucket_mb": cfg.bucket_mb, "horizon": cfg.horizon, "margin": cfg.margin})  # fmt: skip
     return AdaptiveController(model_cfg, seq=cfg.seq, global_batch=cfg.batch, hw=hw, layout=layout,
                               make_optimizer=make_optimizer, bucket_mb=cfg.bucket_mb, every=cfg.replan_every,
                               candidates=candidates, log=log, horizon_steps=cfg.horizon,
