@@ -77,6 +77,20 @@ def _model_parsers(sub) -> None:
     g.add_argument("--seed", type=int, default=0, help="sampling seed (the same on every rank)")
     g.add_argument("--check", action="store_true", help="also generate with the dense model and compare")
 
+    s = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /metrics) on a tp model",
+        description="Rank 0 serves HTTP (FastAPI + uvicorn: pip install 'shardwise[serve]') and drives the other "
+        "--tp ranks; requests are queued and served one at a time.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    s.add_argument("model", help="gpt-tiny | smollm2-135m | path to a Hugging Face model folder")
+    s.add_argument("--tp", type=int, default=2, help="tensor-parallel degree")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on")
+    s.add_argument("--max-context", type=int, default=2048, help="prompt + completion tokens (models without one)")
+    s.add_argument("--timeout-s", type=float, default=120.0, help="collective timeout: a stalled rank stops the server")
+
 
 def _measure_parsers(sub) -> None:
     c = sub.add_parser(
@@ -230,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                              devices_per_node=args.devices_per_node)  # fmt: skip
         except ValueError as exc:
             parser.error(str(exc))
-    if args.command in ("verify", "generate"):
+    if args.command in ("verify", "generate", "serve"):
         if args.tp < 1:
             parser.error(f"--tp must be >= 1, got {args.tp}")
         from .registry import resolve_spec
@@ -239,6 +253,11 @@ def main(argv: list[str] | None = None) -> int:
             spec = resolve_spec(args.model)
         except (ValueError, ModuleNotFoundError) as exc:
             parser.error(str(exc))
+        if args.command == "serve":
+            from .serve import serve_main
+
+            cfg = {"host": args.host, "port": args.port, "max_context": args.max_context, "timeout_s": args.timeout_s}
+            return serve_main(spec, args.model, args.tp, cfg)
         if args.command == "verify":
             from .verify import VerifyConfig
             from .verify import main as verify_main
