@@ -1,0 +1,205 @@
+"""`shardwise serve gpt-tiny --tp 2` as a user runs it: one server (real CLI, two gloo ranks), many checks
+over HTTP, then a rank is killed and the server must stop with a clear message and leave no process."""
+
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from shardwise.commands.registry import ModelSpec, load_model_dense
+from shardwise.generation import generate
+from shardwise.launch import free_port
+from shardwise.serving.engine import choose
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+PROMPT = "Hello"
+
+
+def _dense_text(prompt: str, n: int) -> str:
+    """The reference: the dense one-rank GPT's greedy continuation (generation.generate, no server, no tp)."""
+    model, _ = load_model_dense(ModelSpec("gpt-tiny"))
+    ids = torch.tensor([list(prompt.encode())], dtype=torch.int64)
+    new = generate(model, ids, n)[0, ids.shape[1] :].tolist()
+    return bytes(new).decode("utf-8", errors="replace")
+
+
+def _session_pids(sid: int) -> list[int]:
+    """Processes still alive in the server's session (it was started in a new one)."""
+    alive = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid and fields[0] != "Z":
+                alive.append(int(entry))
+    return alive
+
+
+def _stream(client, path: str, body: dict) -> tuple[str, list[dict]]:
+    """(concatenated text, chunks) of a streamed request; asserts the SSE framing and the [DONE] end."""
+    chunks, text = [], []
+    with client.stream("POST", path, json={**body, "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]", lines[-3:]
+    for line in lines[:-1]:
+        assert line.startswith("data: ")
+        chunk = json.loads(line[6:])
+        chunks.append(chunk)
+        choice = chunk["choices"][0]
+        text.append(choice.get("text") or choice.get("delta", {}).get("content") or "")
+    return "".join(text), chunks
+
+
+def test_serve_gpt_tiny_tp2_openai_api_then_a_rank_dies():
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "shardwise",
+        "serve",
+        "gpt-tiny",
+        "--tp",
+        "2",
+        "--port",
+        str(port),
+        "--timeout-s",
+        "20",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)  # fmt: skip
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    log = []
+    try:
+        deadline = time.monotonic() + 60
+        while not any("serving on" in line for line in log):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(log)
+            try:
+                log.append(lines.get(timeout=0.5))
+            except queue.Empty:
+                pass
+        pids = json.loads(re.search(r"rank pids (\[[\d, ]+\])", "".join(log)).group(1))
+        want = _dense_text(PROMPT, 12)
+        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=15)
+        greedy = {"model": "gpt-tiny", "prompt": PROMPT, "max_tokens": 12, "temperature": 0}
+
+        r = client.post("/v1/completions", json=greedy)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["object"] == "text_completion" and out["choices"][0]["finish_reason"] == "length"
+        assert out["choices"][0]["text"] == want  # tp=2 server == dense generate
+        assert out["usage"] == {"prompt_tokens": len(PROMPT), "completion_tokens": 12, "total_tokens": 17}
+        text, chunks = _stream(client, "/v1/completions", greedy)
+        assert text == want and chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+        # stop strings: the text ends before the first stop string, which is not part of it
+        at = next(i for i in range(2, len(want)) if want[i] != "\ufffd")
+        stop = want[at]
+        r = client.post("/v1/completions", json={**greedy, "stop": [stop]})
+        assert r.json()["choices"][0] == {"index": 0, "text": want[: want.index(stop)], "finish_reason": "stop",
+                                          "logprobs": None}  # fmt: skip
+        assert _stream(client, "/v1/completions", {**greedy, "stop": stop})[0] == want[: want.index(stop)]
+
+        # chat: plain-text template (gpt-tiny has no tokenizer); streamed == not streamed
+        chat = {"model": "gpt-tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6,
+                "temperature": 0}  # fmt: skip
+        r = client.post("/v1/chat/completions", json=chat).json()
+        assert r["object"] == "chat.completion" and r["choices"][0]["message"]["role"] == "assistant"
+        assert r["choices"][0]["message"]["content"] == _dense_text("user: hi\nassistant:", 6)
+        text, chunks = _stream(client, "/v1/chat/completions", chat)
+        assert text == r["choices"][0]["message"]["content"]
+        assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+
+        # sampled: a seed reproduces, another seed (most likely) differs
+        sampled = {**greedy, "temperature": 1.0, "top_p": 0.9, "max_tokens": 8}
+        a, b, c = (client.post("/v1/completions", json={**sampled, "seed": s}).json() for s in (1, 1, 2))
+        assert a["choices"][0]["text"] == b["choices"][0]["text"] != c["choices"][0]["text"]
+
+        # 4 concurrent streaming requests: all complete, each with the greedy text
+        results = [None] * 4
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, _stream(client, "/v1/completions",
+                                                                                      greedy)[0]))
+                   for i in range(4)]  # fmt: skip
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        assert results == [want] * 4
+
+        # bad requests: OpenAI-style 4xx JSON errors, and the server keeps serving
+        for body, status, param, code in (
+            ({**greedy, "model": "gpt-huge"}, 404, "model", "model_not_found"),
+            ({**greedy, "max_tokens": 5000}, 400, "prompt", "context_length_exceeded"),
+            ({**greedy, "temperature": -1}, 400, "temperature", "invalid_value"),
+            ({**greedy, "prompt": ""}, 400, "prompt", None),
+        ):
+            r = client.post("/v1/completions", json=body)
+            assert r.status_code == status, r.text
+            err = r.json()["error"]
+            assert set(err) == {"message", "type", "param", "code"} and err["param"] == param and err["code"] == code
+        assert client.post("/v1/completions", json=greedy).json()["choices"][0]["text"] == want
+        assert client.get("/v1/models").json()["data"][0]["id"] == "gpt-tiny"
+
+        # /metrics: Prometheus text; every sample line parses
+        metrics = client.get("/metrics").text
+        samples = {}
+        for line in metrics.splitlines():
+            if not line.startswith("#"):
+                m = re.fullmatch(r'([a-z_0-9]+)\{((?:[a-z_]+="[^"]*",?)*)\} (\S+)', line)
+                assert m, line
+                samples[(m.group(1), m.group(2))] = float(m.group(3))
+        names = {name for name, _ in samples}
+        expected = (
+            "requests_total",
+            "tokens_generated_total",
+            "time_to_first_token_seconds_count",
+            "token_latency_seconds_sum",
+            "comm_seconds_per_token_sum",
+            "tokens_per_second",
+            "queue_length",
+        )
+        for name in expected:
+            assert f"shardwise_serve_{name}" in names, name
+        tokens = samples[("shardwise_serve_tokens_generated_total", 'model="gpt-tiny",tp="2"')]
+        assert tokens >= 12 * 10
+        assert samples[("shardwise_serve_comm_seconds_per_token_sum", 'model="gpt-tiny",tp="2"')] > 0
+
+        # a rank dies: the server stops with a message naming it, and nothing is left running
+        os.kill(pids[1], signal.SIGKILL)
+        assert proc.wait(timeout=20) == 1
+        time.sleep(0.5)
+        while not lines.empty():
+            log.append(lines.get())
+        rest = "".join(log)
+        assert "rank 1 was killed by signal 9" in rest, rest[-2000:]
+        assert _session_pids(proc.pid) == []
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+def test_choose_top_p_keeps_the_nucleus():
+    """Nucleus sampling against a hand count: probabilities 0.5, 0.3, 0.15, 0.05; top_p=0.75 keeps the first two."""
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.tensor([choose(logits, 1.0, 0.75, gen) for _ in range(2000)])
+    assert set(draws.tolist()) == {0, 1}
+    assert abs((draws == 0).float().mean().item() - 0.5 / 0.8) < 0.05
+    assert choose(logits, 0.0, 0.1, gen) == 0
