@@ -70,6 +70,16 @@ def wrap_ddp(model: torch.nn.Module, mesh: Mesh, bucket_mb: float = 25, **ddp_kw
     if "broadcast_buffers" not in ddp_kwargs:  # torch's older name for it
         ddp_kwargs.setdefault("forward_sync_buffers", False)
     device_ids = [mesh.device.index] if mesh.device.type == "cuda" else None
+    # Sequence-parallel replicated parameters (norms, row biases) get their tp sum and dp mean from comm's one
+    # coalesced all-reduce over the tp x dp world (comm.grad_sync): DDP must neither bucket nor broadcast them
+    # (it would read their grads before that sum lands), so they are synced across dp here, once.
+    ignored = comm.replicated_parameters(model)
+    if ignored:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name in ignored:
+                dist.broadcast(params[name], dist.get_global_rank(group, 0), group=group)
     ddp = DistributedDataParallel(model, device_ids=device_ids, process_group=group, bucket_cap_mb=bucket_mb,
                                   **ddp_kwargs)  # fmt: skip
     ddp.register_comm_hook(mesh, grad_sync_hook)

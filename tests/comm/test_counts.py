@@ -21,23 +21,37 @@ def _record(mesh, sp, s=8, b=2, h=32):
         comm.remove_observer(events.append)
     backward = events[len(forward) :]
     summary = lambda evs: sorted((e.op, e.numel, e.nbytes) for e in evs if isinstance(e, comm.CollectiveEvent))
-    return summary(forward), summary(backward)
+    return summary(forward), summary(backward), backward
 
 
 def count_checks():
     mesh = shardwise.init_mesh(2)
     s, b, h = 8, 2, 32
     act = s * b * h
-    fwd, bwd = _record(mesh, sp=False)
+    fwd, bwd, _ = _record(mesh, sp=False)
     assert fwd == [("all_reduce", act, act * 4)] * 2, fwd
     assert bwd == [("all_reduce", act, act * 4)] * 2, bwd
-    fwd, bwd = _record(mesh, sp=True)
+    fwd, bwd, raw = _record(mesh, sp=True)
     assert fwd == sorted([("all_gather", act, act * 4)] * 2 + [("reduce_scatter", act, act * 4)] * 2), fwd
     big = [e for e in bwd if e[1] == act]
     small = [e for e in bwd if e[1] != act]
     assert big == sorted([("all_gather", act, act * 4)] * 2 + [("reduce_scatter", act, act * 4)] * 2), bwd
-    # replicated params seeing different tokens: two norms (weight+bias) and two row-parallel biases
-    assert small == sorted([("all_reduce", 2 * h, 8 * h)] * 2 + [("all_reduce", h, 4 * h)] * 2), small
+    # replicated params seeing different tokens (two norms' weight+bias, two row-parallel biases): their grads
+    # summed by ONE coalesced all-reduce, async, tagged sp_grad_sync
+    assert small == [("all_reduce", 6 * h, 24 * h)], small
+    (sync,) = [e for e in raw if isinstance(e, comm.CollectiveEvent) and e.numel != act]
+    assert (sync.tag, sync.phase, sync.async_op) == ("sp_grad_sync", "bwd", True), sync
+    # two blocks, one step: still one sync for both (not one per block or per parameter)
+    events = []
+    torch.manual_seed(0)
+    blocks = torch.nn.Sequential(*(ParallelTransformerBlock(h, 4, sequence_parallel=True, mesh=mesh) for _ in range(2)))
+    comm.add_observer(events.append)
+    try:
+        blocks(torch.randn(s // 2, b, h, requires_grad=True)).sum().backward()
+    finally:
+        comm.remove_observer(events.append)
+    syncs = [e for e in events if isinstance(e, comm.CollectiveEvent) and e.tag == "sp_grad_sync"]
+    assert [e.numel for e in syncs] == [12 * h], syncs
     return True
 
 

@@ -269,9 +269,15 @@ class RowParallelLinear(_ParallelLinear):
         if self.bias is None:
             return y
         bias = self.bias
-        if self.sequence_parallel:  # each rank adds it to other tokens: its grads must be summed
-            (bias,) = comm.copy_params_to_tp([bias], self.mesh, self.tag)
+        if self.sequence_parallel:  # each rank adds it to other tokens: its grads are summed (coalesced, async)
+            (bias,) = comm.replicated_params([bias], self.mesh, self.tag)
         return y + bias
+
+    def replicated_grad_parameters(self) -> list[nn.Parameter]:
+        """The parameters whose grads the coalesced sync sums over tp (data_parallel.wrap_ddp leaves them to it)."""
+        if not self.sequence_parallel or self.mesh.tp_size == 1 or self.bias is None:
+            return []
+        return [self.bias]
 
 
 def adopt_shards(layer: nn.Module, dense: dict[str, torch.Tensor]) -> None:

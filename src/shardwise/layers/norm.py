@@ -1,7 +1,8 @@
 """LayerNorm / RMSNorm whose parameters are replicated on every tp rank.
 
 Under sequence parallelism each rank normalises different tokens, so each rank's parameter grad is
-a partial sum: copy_params_to_tp sums them over tp in backward (one all-reduce per norm)."""
+a partial sum: comm.replicated_params records them, and the mesh's one coalesced all-reduce per backward
+(comm.grad_sync, shared with every other replicated parameter) sums them over tp."""
 
 from __future__ import annotations
 
@@ -37,10 +38,16 @@ class Norm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         params = [self.weight] if self.bias is None else [self.weight, self.bias]
         if self.sequence_parallel:
-            params = comm.copy_params_to_tp(params, self.mesh, self.tag)
+            params = comm.replicated_params(params, self.mesh, self.tag)
         if self.kind == "rmsnorm":
             return F.rms_norm(x, x.shape[-1:], params[0], self.eps)
         return F.layer_norm(x, x.shape[-1:], params[0], params[1] if len(params) > 1 else None, self.eps)
+
+    def replicated_grad_parameters(self) -> list[nn.Parameter]:
+        """The parameters whose grads the coalesced sync sums over tp (data_parallel.wrap_ddp leaves them to it)."""
+        if not self.sequence_parallel or self.mesh.tp_size == 1:
+            return []
+        return [self.weight] if self.bias is None else [self.weight, self.bias]
 
     @classmethod
     def from_dense(cls, norm: nn.Module, mesh: Mesh | None = None, sequence_parallel: bool = True) -> Norm:
