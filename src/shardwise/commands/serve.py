@@ -6,6 +6,7 @@ rest and says which rank died."""
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -48,7 +49,7 @@ def serve_rank(spec, tp: int, cfg: dict) -> None:
     model.eval()
     pids = [None] * dist.get_world_size() if dist.is_initialized() else [None]
     if dist.is_initialized():
-        dist.all_gather_object(pids, __import__("os").getpid())
+        dist.all_gather_object(pids, os.getpid())  # printed: a user (or test) can see the ranks
     decoder = Decoder(model)
     if mesh.tp_rank != 0:
         follow(decoder)
