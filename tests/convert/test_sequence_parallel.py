@@ -1,5 +1,7 @@
 """Styles as objects: sequence parallelism through parallelize on a Hugging Face LLaMA (logits, loss and every
-gradient equal the dense model's at tp 2 and 4), a user-defined style, and Norm.from_dense."""
+gradient equal the dense model's at tp 2 and 4, and at tp 2 x dp 2 under DDP; the replicated norm grads, summed by
+the one coalesced sp_grad_sync, within 1e-5, also accumulated over two backwards), a user-defined style, and
+Norm.from_dense."""
 
 import copy
 
@@ -10,12 +12,15 @@ from torch.testing import assert_close
 
 import shardwise
 from shardwise.convert import GatherSequence, SequenceParallelNorm, parallelize, plans
+from shardwise.data_parallel import wrap_ddp
 from shardwise.layers.norm import Norm
+from shardwise.mesh import use_grid
 from shardwise.sharding import dense_layout, full_gradients
 
 transformers = pytest.importorskip("transformers", reason="transformers not installed (pip install 'shardwise[hf]')")
 
 TOL = dict(atol=1e-4, rtol=1e-4)
+NORM_TOL = dict(atol=1e-5, rtol=1e-5)  # the replicated norm grads: the sp_grad_sync's sums, fp32
 
 
 def _llama(heads: int, kv: int, tie: bool):
@@ -25,13 +30,26 @@ def _llama(heads: int, kv: int, tie: bool):
     return transformers.LlamaForCausalLM(cfg)
 
 
-def _sp_parity(mesh, heads, kv, tie):
+def _dense_llama(heads, kv, tie):
     torch.manual_seed(0)
     dense = _llama(heads, kv, tie).eval()
     with torch.no_grad():  # non-trivial norm weights, so a norm whose weight went missing would show
         for name, p in dense.named_parameters():
             if "norm" in name:
                 p.add_(torch.randn_like(p) * 0.3)
+    return dense
+
+
+def _check_grads(model, dense, mesh, what):
+    grads, params = full_gradients(model, mesh), dict(model.named_parameters())
+    for name, p in dense.named_parameters():
+        got = dense_layout(grads[name], params[name])
+        tol = NORM_TOL if "norm" in name else TOL
+        assert_close(got, p.grad, **tol, msg=lambda m, n=name: f"{what}: grad of {n}: {m}")
+
+
+def _sp_parity(mesh, heads, kv, tie):
+    dense = _dense_llama(heads, kv, tie)
     model = parallelize(copy.deepcopy(dense), plans.for_model(dense, sequence_parallel=True), mesh)
     assert isinstance(model.model.layers[1].input_layernorm, Norm) and model.model.norm.sequence_parallel
     ids = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -45,10 +63,24 @@ def _sp_parity(mesh, heads, kv, tie):
     assert_close(out.loss, out_dense.loss, **TOL)
     out.loss.backward()
     out_dense.loss.backward()
-    grads, params = full_gradients(model, mesh), dict(model.named_parameters())
-    for name, p in dense.named_parameters():
-        got = dense_layout(grads[name], params[name])
-        assert_close(got, p.grad, **TOL, msg=lambda m, n=name: f"{what}: grad of {n}: {m}")
+    _check_grads(model, dense, mesh, what)  # final when backward() returned
+    # accumulation: a second micro-batch without zero_grad adds its (summed) grads to the first's
+    ids = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(2))
+    model(ids, labels=ids).loss.backward()
+    dense(ids, labels=ids).loss.backward()
+    _check_grads(model, dense, mesh, what + " accumulated")
+    return True
+
+
+def _sp_dp_parity(mesh):
+    """tp 2 x dp 2 under DDP: each dp rank its own batch; the grads equal the dense model's mean over both."""
+    dense = _dense_llama(4, 2, tie=False)
+    model = wrap_ddp(parallelize(copy.deepcopy(dense), plans.for_model(dense, sequence_parallel=True), mesh), mesh)
+    batches = [torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(10 + r)) for r in range(2)]
+    model(batches[mesh.dp_rank], labels=batches[mesh.dp_rank]).loss.backward()
+    for ids in batches:
+        (dense(ids, labels=ids).loss / 2).backward()
+    _check_grads(model.module, dense, mesh, "llama sp tp=2 dp=2")
     return True
 
 
@@ -81,6 +113,8 @@ def sp_checks(tp):
     x = torch.randn(4, 6, generator=torch.Generator().manual_seed(2))
     expected = dense[2](dense[1](dense[0](x) * 3.0))
     assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+    if tp == 4:  # the same 4 ranks as tp 2 x dp 2
+        ok.append(_sp_dp_parity(use_grid(2, 2)))
     return all(ok)
 
 
