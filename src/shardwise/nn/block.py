@@ -2,8 +2,8 @@
 
 Per block and step at tp > 1 (activations [s, b, h]): forward 2 all-reduces of s*b*h elements (after
 the attention and MLP row-parallel layers), backward 2 more (before their column-parallel layers).
-With sequence parallelism: forward 2 all-gathers + 2 reduce-scatters, backward the same, and
-backward also sums the replicated norm/bias grads over tp (small all-reduces of h-sized vectors).
+With sequence parallelism: forward 2 all-gathers + 2 reduce-scatters, backward the same; the replicated
+norm/bias grads of ALL blocks are summed over tp by one coalesced async all-reduce per backward (comm.grad_sync).
 """
 
 from __future__ import annotations
