@@ -68,8 +68,7 @@ def _model_parsers(sub) -> None:
         "decodes with the dense model and compares the tokens.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    g.add_argument("model", help="gpt-tiny | smollm2-135m | path to a Hugging Face model folder")
-    g.add_argument("--tp", type=int, default=2, help="tensor-parallel degree")
+    _model_and_tp(g)
     g.add_argument("--prompt", default="The capital of France is", help="text to continue")
     g.add_argument("--max-new-tokens", type=int, default=24, help="tokens to generate")
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sampling")
@@ -84,12 +83,17 @@ def _model_parsers(sub) -> None:
         "--tp ranks; requests are queued and served one at a time.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    s.add_argument("model", help="gpt-tiny | smollm2-135m | path to a Hugging Face model folder")
-    s.add_argument("--tp", type=int, default=2, help="tensor-parallel degree")
+    _model_and_tp(s)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on")
     s.add_argument("--port", type=int, default=8000, help="port to listen on")
     s.add_argument("--max-context", type=int, default=2048, help="prompt + completion tokens (models without one)")
     s.add_argument("--timeout-s", type=float, default=120.0, help="collective timeout: a stalled rank stops the server")
+
+
+def _model_and_tp(parser) -> None:
+    """The positional MODEL and --tp of the commands that run a registered model (generate, serve)."""
+    parser.add_argument("model", help="gpt-tiny | smollm2-135m | path to a Hugging Face model folder")
+    parser.add_argument("--tp", type=int, default=2, help="tensor-parallel degree")
 
 
 def _measure_parsers(sub) -> None:
