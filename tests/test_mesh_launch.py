@@ -176,3 +176,32 @@ def test_a_rank_that_never_calls_init_mesh_is_named():
         shardwise.launch(skip_init_on, 2, 0, comm_timeout_s=3)
     with pytest.raises(ValueError, match="comm_timeout_s must be a positive number"):
         shardwise.launch(skip_init_on, 2, 0, comm_timeout_s=0)
+
+
+def _environment_seen(names):
+    """In a rank: the variables `names` as the rank sees them, and torch.distributed's debug level."""
+    return {n: os.environ.get(n) for n in names}, str(dist.get_debug_level())
+
+
+def test_ranks_see_the_launchers_current_environment_under_both_start_methods(monkeypatch):
+    """Ranks are forked from a fork server started at the first launch: a variable set, changed or removed in the
+    launcher afterwards must reach the ranks as it is now (a server's stale environment would not), including
+    TORCH_DISTRIBUTED_DEBUG, which torch.distributed reads at import; SHARDWISE_START_METHOD=spawn works too, and
+    a bad value names the choices."""
+    names = ["SHARDWISE_TEST_VAR", "TORCH_DISTRIBUTED_DEBUG"]
+    monkeypatch.setenv("SHARDWISE_TEST_VAR", "first")
+    assert shardwise.launch(_environment_seen, 1, names)[0][0]["SHARDWISE_TEST_VAR"] == "first"
+    monkeypatch.setenv("SHARDWISE_TEST_VAR", "second")
+    monkeypatch.setenv("TORCH_DISTRIBUTED_DEBUG", "DETAIL")
+    seen, level = shardwise.launch(_environment_seen, 1, names)[0]
+    assert seen == {"SHARDWISE_TEST_VAR": "second", "TORCH_DISTRIBUTED_DEBUG": "DETAIL"} and level.endswith("DETAIL")
+    monkeypatch.delenv("SHARDWISE_TEST_VAR")
+    monkeypatch.delenv("TORCH_DISTRIBUTED_DEBUG")
+    seen, level = shardwise.launch(_environment_seen, 1, names)[0]
+    assert seen == {"SHARDWISE_TEST_VAR": None, "TORCH_DISTRIBUTED_DEBUG": None} and level.endswith("OFF")
+    monkeypatch.setenv("SHARDWISE_START_METHOD", "spawn")
+    monkeypatch.setenv("SHARDWISE_TEST_VAR", "spawned")
+    assert shardwise.launch(_environment_seen, 1, names)[0][0]["SHARDWISE_TEST_VAR"] == "spawned"
+    monkeypatch.setenv("SHARDWISE_START_METHOD", "fork")
+    with pytest.raises(ValueError, match="'forkserver' or 'spawn'"):
+        shardwise.launch(_environment_seen, 1, names)

@@ -7,7 +7,9 @@ Ranks are forked from a fork server (multiprocessing's "forkserver") that import
 a spawned rank pays the interpreter start and `import torch` every time (2-5 s per launch on a 2-core box), a
 fork-served one about 0.1 s after the server's first start. The server is a clean interpreter started on first
 use (no threads, no process group: safe to fork); each rank gets the launcher's CURRENT environment, not the
-server's. SHARDWISE_START_METHOD=spawn goes back to spawning (and is what platforms without fork servers use).
+server's, and re-reads TORCH_DISTRIBUTED_DEBUG from it; settings that libraries read once at import (OpenMP/MKL
+variables other than the thread count set here) come from the server's start. SHARDWISE_START_METHOD=spawn goes
+back to spawning (and is what platforms without fork servers use).
 """
 
 from __future__ import annotations
@@ -77,6 +79,10 @@ def _rank_main(rank: int, world_size: int, env: dict[str, str], fn, args, result
     _die_with_parent()
     os.environ.clear()  # the launcher's environment now (a fork server's own is the one it started with)
     os.environ.update(env)
+    import torch.distributed as dist
+
+    # read by `import torch.distributed`, which ran in the fork server: re-read from the launcher's environment
+    dist.set_debug_level_from_env()
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank))
     try:
         import torch

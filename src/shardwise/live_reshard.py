@@ -112,16 +112,21 @@ class Resharded:
 def _check_request(model: GPT, layout: Layout) -> None:
     """Raise on every rank (before any state moves) unless all ranks ask for the same layout, at a step boundary,
     and the layout fits the world and the model."""
+    wrong = None
     if not isinstance(model, GPT):
-        raise TypeError(f"reshard_training moves a shardwise GPT (ddp.module), got {type(model).__name__}")
-    if not isinstance(layout, Layout):
-        raise TypeError(f"layout must be a shardwise.live_reshard.Layout (Layout.parse('2:2')), got {layout!r}")
-    pending = any(p.grad is not None and bool(p.grad.any()) for p in model.parameters())
+        wrong = f"reshard_training moves a shardwise GPT (ddp.module), got {type(model).__name__}"
+    elif not isinstance(layout, Layout):
+        wrong = f"layout must be a shardwise.live_reshard.Layout (Layout.parse('2:2')), got {layout!r}"
+    pending = wrong is None and any(p.grad is not None and bool(p.grad.any()) for p in model.parameters())
     world = dist.get_world_size() if dist.is_initialized() else 1
-    asked = [(layout, pending)]
-    if world > 1:
+    asked = [(layout if wrong is None else None, pending, wrong)]
+    if world > 1:  # every rank learns every rank's request first, so a bad one fails all of them, none waits
         asked = [None] * world
-        dist.all_gather_object(asked, (layout, pending))
+        dist.all_gather_object(asked, (layout if wrong is None else None, pending, wrong))
+    errors = [(r, w) for r, (_, _, w) in enumerate(asked) if w]
+    if errors:
+        raise TypeError("; ".join(f"rank {r}: {w}" for r, w in errors))
+    asked = [(a, p) for a, p, _ in asked]
     if len({a for a, _ in asked}) > 1:
         detail = ", ".join(f"rank {r}: {a.name}" for r, (a, _) in enumerate(asked))
         raise ValueError(f"ranks asked to reshard to different layouts ({detail}); pass the same layout on every rank")

@@ -11,7 +11,7 @@
 Every collective training already runs reaches the LinkEstimator (comm observer), so the bandwidth estimate
 costs no extra traffic. Every `every` steps all ranks agree on the estimates and on the measured step time (one
 small all-reduce: the slowest rank's view), the Replanner decides (deterministic, so every rank decides alike),
-and a switch reshards the training state in memory (reshard.reshard_training). Decisions and switches go to
+and a switch reshards the training state in memory (live_reshard.reshard_training). Decisions and switches go to
 `log` (a callable taking a JSON-able dict; rank 0 writes them as JSON lines).
 """
 

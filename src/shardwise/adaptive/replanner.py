@@ -267,7 +267,7 @@ class Replanner:
 
         Why: a layout's own collectives cannot always resolve a fast link. With tp across nodes the messages are
         small and a blocking gloo call's time is mostly waiting for the slower rank, so when the link comes back
-        to its full rate the estimate stays low (measured in the lab: 35-140 Mbit/s on an unshaped link) and the
+        to its full rate the estimate stays low (measured in the lab: 12-290 Mbit/s on an unshaped link) and the
         model keeps the layout chosen for the slow link. The step time does see it: when the current layout's
         median falls below 1/`relearn` of its median on arrival, the link got faster, and a layout that MEASURED
         faster (its fastest median ever) than the current one does now is tried again, if the gain repays the

@@ -145,6 +145,11 @@ def replicated_params(params: list[torch.Tensor], mesh: Mesh, tag: str = "replic
     if mesh.tp_size == 1 or not torch.is_grad_enabled():
         return tuple(params)
     if torch.compiler.is_compiling():
+        if mesh.dp_size > 1:  # wrap_ddp leaves these params out of DDP, and the traced sum covers tp only
+            raise NotImplementedError(
+                "sequence parallelism with dp > 1 under torch.compile: the replicated norm/bias grads would not be "
+                "averaged over dp (their dp replicas would drift apart); run this model eagerly, or with dp=1"
+            )
         return copy_params_to_tp(params, mesh, tag)
     key = (id(mesh.tp_group), id(mesh.dp_group))
     sync = _syncs.get(key)

@@ -196,6 +196,10 @@ def run(args) -> int:
                 from shardwise.live_reshard import Layout
 
                 static = Layout.parse(args.static)
+                if static.sequence_parallel:
+                    print("shardwise lab adaptive: --static takes TP:DP[:PLACEMENT]; the demo's runs do not use "
+                          "sequence parallelism", file=sys.stderr)  # fmt: skip
+                    return 2
                 print(f"lab adaptive: static layout {static.name} (--static)", flush=True)
             plan = [("adaptive", static, True)] if args.constant else [("static", static, False),
                                                                        ("adaptive", static, True)]  # fmt: skip

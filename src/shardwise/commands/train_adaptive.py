@@ -3,7 +3,8 @@
 The step log (OUT/steps.jsonl, rank 0, every run) has one JSON line per step: {"step", "time" (unix s, when the
 step ended), "step_s" (this rank's wall time of the step), "loss", "layout", "tokens"}; `shardwise lab adaptive`
 reads it for per-phase throughput and to drive its rate schedule by step. With --adaptive, OUT/adaptive.jsonl
-gets every decision and switch (AdaptiveController's records) and every line is also printed by rank 0.
+gets every decision and switch (AdaptiveController's records) and every line is also printed by rank 0; a layout
+the model cannot run is predicted as Infinity (Python's json reads it; strict JSON parsers do not).
 """
 
 from __future__ import annotations
@@ -86,9 +87,10 @@ def controller(cfg, model_cfg, mesh, make_optimizer, out: Path, lead: bool) -> A
     world = cfg.tp * cfg.dp
     candidates = parse_layouts(cfg.adaptive_layouts) or candidate_layouts(world, cfg.heads, cfg.batch, cfg.seq)
     for c in candidates:
-        if c.tp * c.dp != world or cfg.heads % c.tp or cfg.batch % c.dp:
-            raise ValueError(f"--adaptive-layouts: {c.name} does not fit {world} ranks, {cfg.heads} heads and "
-                             f"--batch {cfg.batch}: tp must divide the heads, dp the batch")  # fmt: skip
+        if c.tp * c.dp != world or cfg.heads % c.tp or cfg.batch % c.dp or c.sequence_parallel and cfg.seq % c.tp:
+            raise ValueError(f"--adaptive-layouts: {c.name} does not fit {world} ranks, {cfg.heads} heads, "
+                             f"--batch {cfg.batch}, --seq {cfg.seq}: tp must divide the heads (and the seq with "
+                             "sp), dp the batch")  # fmt: skip
     log = JsonLines(out / "adaptive.jsonl" if lead else None, echo=True, fresh=not cfg.resume)
     # everything the Replanner was built from, so the log replays (tests/adaptive/test_replay.py)
     log({"kind": "start", "time": time.time(), "layout": layout.name, "candidates": [c.name for c in candidates],
