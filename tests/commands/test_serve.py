@@ -206,3 +206,52 @@ def test_choose_top_p_keeps_the_nucleus():
     assert set(draws.tolist()) == {0, 1}
     assert abs((draws == 0).float().mean().item() - 0.5 / 0.8) < 0.05
     assert choose(logits, 0.0, 0.1, gen) == 0
+
+
+class _FakeLeader:
+    """The rank protocol's leader without ranks: logits [vocab] from a script, NaN for the prompt "nan"."""
+
+    def __init__(self):
+        self.ends = 0
+
+    def prefill(self, ids):
+        self.nan = int(ids[0, 0]) == 0
+        return torch.full((8,), float("nan")) if self.nan else torch.arange(8.0)
+
+    def step(self, token):
+        return torch.arange(8.0)
+
+    def end(self):
+        self.ends += 1
+
+    def idle(self):
+        pass
+
+    def shutdown(self):
+        pass
+
+
+def test_a_failing_request_gets_an_error_and_the_next_is_served():
+    """NaN logits make sampling fail inside one request: that request gets an ("error", message) event (a 500 over
+    HTTP), the followers are released (end), and the engine goes on to serve the next request."""
+    from shardwise.serving.engine import Engine, GenerationRequest
+    from shardwise.serving.metrics import Metrics
+
+    leader = _FakeLeader()
+    engine = Engine(leader, lambda ids: "".join(map(str, ids)), eos_ids=set(), metrics=Metrics("fake", 2))
+    got = {0: [], 1: []}
+    bad = GenerationRequest(torch.tensor([[0]]), 3, lambda k, p: got[0].append((k, p)), temperature=1.0, seed=1)
+    good = GenerationRequest(torch.tensor([[1]]), 3, lambda k, p: got[1].append((k, p)), temperature=0.0)
+    engine.submit(bad)
+    engine.submit(good)
+    runner = threading.Thread(target=engine.run, kwargs={"heartbeat_s": 0.05}, daemon=True)
+    runner.start()
+    deadline = time.monotonic() + 10
+    while not (got[1] and got[1][-1][0] == "done") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    engine.stopping.set()
+    runner.join(5)
+    assert [k for k, _ in got[0]] == ["error"] and "failed" in got[0][0][1], got[0]
+    assert got[1][-1] == ("done", {"text": "777", "finish_reason": "length", "prompt_tokens": 1,
+                                   "completion_tokens": 3}), got[1]  # fmt: skip
+    assert leader.ends == 2 and engine.metrics.requests.get("error") == 1

@@ -138,12 +138,19 @@ def make_app(engine: Engine, served: ServedModel):
         if options["stream"]:
             return StreamingResponse(_sse(events, job, head, chat), media_type="text/event-stream")
         text, done = [], None
-        while done is None:
-            kind, payload = await events.get()
-            if kind == "text":
-                text.append(payload)
-            else:
-                done = payload
+        try:
+            while done is None:
+                kind, payload = await events.get()
+                if kind == "text":
+                    text.append(payload)
+                elif kind == "error":
+                    body = {"error": {"message": payload, "type": "server_error", "param": None, "code": None}}
+                    return JSONResponse(body, status_code=500)
+                else:
+                    done = payload
+        finally:
+            if done is None:  # the client went away (or the request failed): stop decoding for it
+                job.cancelled.set()
         usage = {"prompt_tokens": done["prompt_tokens"], "completion_tokens": done["completion_tokens"],
                  "total_tokens": done["prompt_tokens"] + done["completion_tokens"]}  # fmt: skip
         if chat:
@@ -194,6 +201,10 @@ async def _sse(events: asyncio.Queue, job: GenerationRequest, head: dict, chat: 
             kind, payload = await events.get()
             if kind == "text":
                 yield chunk(payload, None)
+            elif kind == "error":
+                error = {"error": {"message": payload, "type": "server_error", "param": None, "code": None}}
+                yield f"data: {json.dumps(error)}\n\n"
+                break
             else:
                 yield chunk(None, payload["finish_reason"])
                 break

@@ -99,12 +99,16 @@ class Engine:
         gen = torch.Generator().manual_seed(req.seed if req.seed is not None else int(torch.seed() % 2**63))
         tokens: list[int] = []
         streamed, finish, cut = "", "length", -1
-        last = None
+        last, failed = None, None
         try:
             self._comm_s = 0.0
             logits = self.leader.prefill(req.prompt_ids)
             while True:
-                token = choose(logits, req.temperature, req.top_p, gen)
+                try:  # this request's own failure (e.g. NaN logits): a 500 for it, the server keeps serving
+                    token = choose(logits, req.temperature, req.top_p, gen)
+                except (RuntimeError, ValueError) as exc:
+                    failed = f"choosing token {len(tokens) + 1} failed: {exc}"
+                    break
                 now = time.monotonic()
                 if token in self.eos_ids:
                     finish = "stop"
@@ -130,7 +134,11 @@ class Engine:
             if cut < 0:  # a stop string's cut text is final already
                 text = self.decode(tokens)
         finally:
-            self.leader.end()
+            self.leader.end()  # the followers leave this request whatever happened here
+        if failed is not None:
+            req.sink("error", failed)
+            self.metrics.request_done("error")
+            return
         if text.startswith(streamed) and len(text) > len(streamed):
             req.sink("text", text[len(streamed) :])
         req.sink("done", {"text": text, "finish_reason": finish, "prompt_tokens": int(req.prompt_ids.shape[1]),
