@@ -10,30 +10,19 @@ import shardwise
 
 from ..generation import generate
 from ..nn.gpt import GPT
-from .registry import load_model_dense, load_model_sharded
-
-
-def _encode(tokenizer, text: str) -> torch.Tensor:
-    if tokenizer is None:  # gpt-tiny: bytes are tokens
-        return torch.tensor([list(text.encode("utf-8"))], dtype=torch.int64)
-    return tokenizer(text, return_tensors="pt").input_ids
-
-
-def _decode(tokenizer, ids: list[int]) -> str:
-    if tokenizer is None:
-        return bytes(ids).decode("utf-8", errors="replace")
-    return tokenizer.decode(ids, skip_special_tokens=True)
+from .registry import load_model_dense, load_model_sharded, text_codec
 
 
 def _run(model, tokenizer, prompt: torch.Tensor, cfg: dict, stream: bool) -> torch.Tensor:
     """Decode on this rank; print tokens as they come when `stream`."""
     printed = []
+    _, decode = text_codec(tokenizer)
 
     def show(next_ids: torch.Tensor) -> None:
         printed.append(int(next_ids[0]))
         if stream:  # re-decode the tail: a token may complete a multi-byte character only later
-            text = _decode(tokenizer, printed)
-            previous = _decode(tokenizer, printed[:-1])
+            text = decode(printed)
+            previous = decode(printed[:-1])
             print(text[len(previous) :], end="", flush=True)
 
     if isinstance(model, GPT):
@@ -64,7 +53,8 @@ def generate_rank(spec, tp: int, text: str, cfg: dict) -> dict | None:
     mesh = shardwise.init_mesh(tp)
     lead = mesh.tp_rank == 0
     model, tokenizer = load_model_sharded(spec, mesh)
-    prompt = _encode(tokenizer, text)
+    encode, decode = text_codec(tokenizer)
+    prompt = encode(text)
     if lead:
         print(text, end="", flush=True)
     start = time.perf_counter()
@@ -74,7 +64,7 @@ def generate_rank(spec, tp: int, text: str, cfg: dict) -> dict | None:
     if not lead:
         return None
     new = out[0, prompt.shape[1] :].tolist()
-    result = {"tokens": new, "text": _decode(tokenizer, new), "seconds": seconds}
+    result = {"tokens": new, "text": decode(new), "seconds": seconds}
     if cfg["check"]:
         dense, _ = load_model_dense(spec)
         with torch.no_grad():

@@ -81,6 +81,16 @@ def load_model_sharded(spec: ModelSpec, mesh: Mesh):
     return parallelize(model, for_model(model), mesh), tokenizer
 
 
+def text_codec(tokenizer):
+    """(encode: str -> [1, s] int64, decode: list[int] -> str) of a model's tokenizer (load_model_*'s second
+    result); gpt-tiny has none: bytes are its tokens."""
+    if tokenizer is None:
+        return (lambda text: torch.tensor([list(text.encode("utf-8"))], dtype=torch.int64),
+                lambda ids: bytes(ids).decode("utf-8", errors="replace"))  # fmt: skip
+    return (lambda text: tokenizer(text, return_tensors="pt").input_ids,
+            lambda ids: tokenizer.decode(ids, skip_special_tokens=True))  # fmt: skip
+
+
 def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
     """Full logits [b, s, vocab] (or the last hidden state of an encoder) of either kind of model."""
     if isinstance(model, GPT):

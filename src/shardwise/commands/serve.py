@@ -11,7 +11,6 @@ import signal
 import threading
 import time
 
-import torch
 import torch.distributed as dist
 
 import shardwise
@@ -19,16 +18,7 @@ import shardwise
 from ..serving import Decoder, Engine, Leader, follow
 from ..serving.api import ServedModel, make_app
 from ..serving.metrics import Metrics
-from .registry import load_model_sharded
-
-
-def _codec(tokenizer):
-    """(encode: str -> [1, s] int64, decode: list[int] -> str); gpt-tiny has no tokenizer: bytes are tokens."""
-    if tokenizer is None:
-        return (lambda text: torch.tensor([list(text.encode("utf-8"))], dtype=torch.int64),
-                lambda ids: bytes(ids).decode("utf-8", errors="replace"))  # fmt: skip
-    return (lambda text: tokenizer(text, return_tensors="pt").input_ids,
-            lambda ids: tokenizer.decode(ids, skip_special_tokens=True))  # fmt: skip
+from .registry import load_model_sharded, text_codec
 
 
 def _chat_prompt(tokenizer):
@@ -56,7 +46,7 @@ def serve_rank(spec, tp: int, cfg: dict) -> None:
         return
     import uvicorn
 
-    encode, decode = _codec(tokenizer)
+    encode, decode = text_codec(tokenizer)
     eos = getattr(tokenizer, "eos_token_id", None)
     engine = Engine(Leader(decoder), decode, set() if eos is None else {int(eos)}, Metrics(cfg["name"], tp))
     served = ServedModel(cfg["name"], encode, _chat_prompt(tokenizer), _max_context(model, cfg["max_context"]))
