@@ -48,15 +48,7 @@ def main(ranks: int, out: str, max_bytes: int = 64 * 2**20, quick: bool = False,
     """Run the calibration (launching `ranks` local ranks, or in place under torchrun), write `out` from rank 0
     and return the dict there (None on the other ranks)."""
     if _under_torchrun():
-        import torch.distributed as dist
-
-        try:
-            cal = calibrate_here(None, quick, max_bytes, gemm_shapes, procs_per_node)
-        finally:
-            # a torchrun worker that exits with gloo's groups alive can abort in their threads at interpreter exit
-            # ("terminate called without an active exception", SIGABRT: seen in the lab), failing the job
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        cal = calibrate_here(None, quick, max_bytes, gemm_shapes, procs_per_node)
     else:
         if ranks < 1:
             raise ValueError(f"--ranks must be >= 1, got {ranks}")

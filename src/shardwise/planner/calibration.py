@@ -12,6 +12,7 @@ The v1 helpers (`timed`, `median_time`, `collective`, `matmul_flops`, `calibrate
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import json
 import math
@@ -164,6 +165,10 @@ def _join_world() -> None:
                                "shardwise.launch; from a shell use `shardwise calibrate --ranks N`")  # fmt: skip
     timeout = float(os.environ.get("SHARDWISE_TIMEOUT_S", "300"))
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout))
+    # the group this joined is ours to tear down: a torchrun worker exiting with gloo's groups alive can abort in
+    # their threads at interpreter exit ("terminate called without an active exception", SIGABRT: it failed a lab
+    # job), as init_mesh's own atexit handler says
+    atexit.register(lambda: dist.destroy_process_group() if dist.is_initialized() else None)
 
 
 def _check_nodes(layout) -> None:
