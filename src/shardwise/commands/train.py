@@ -28,6 +28,7 @@ import torch.distributed as dist
 import shardwise
 
 from ..data_parallel import make_optimizer, wrap_ddp
+from ..live_reshard import Layout
 from ..nn import GPT, GPTConfig
 from ..preflight import preflight
 from . import train_adaptive
@@ -167,9 +168,8 @@ def train_rank(cfg: TrainConfig, data: torch.Tensor) -> dict | None:
             value /= mesh.dp_size
         losses.append(float(value))
         step_s = time.perf_counter() - began
-        layout = ctl.layout.name if ctl is not None else f"tp{mesh.tp_size}dp{mesh.dp_size}-{mesh.placement}"
-        step_log({"step": step + 1, "time": time.time(), "step_s": step_s, "loss": losses[-1], "layout": layout,
-                  "tokens": tokens_per_step})  # fmt: skip
+        step_log({"step": step + 1, "time": time.time(), "step_s": step_s, "loss": losses[-1],
+                  "layout": Layout.of(model).name, "tokens": tokens_per_step})  # fmt: skip
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             evals.append((step + 1, evaluate(model, eval_data, cfg, mesh)))
         if cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
