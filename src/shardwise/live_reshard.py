@@ -119,10 +119,11 @@ def _check_request(model: GPT, layout: Layout) -> None:
         wrong = f"layout must be a shardwise.live_reshard.Layout (Layout.parse('2:2')), got {layout!r}"
     pending = wrong is None and any(p.grad is not None and bool(p.grad.any()) for p in model.parameters())
     world = dist.get_world_size() if dist.is_initialized() else 1
-    asked = [(layout if wrong is None else None, pending, wrong)]
+    mine = (layout if wrong is None else None, pending, wrong)
+    asked = [mine]
     if world > 1:  # every rank learns every rank's request first, so a bad one fails all of them, none waits
         asked = [None] * world
-        dist.all_gather_object(asked, (layout if wrong is None else None, pending, wrong))
+        dist.all_gather_object(asked, mine)
     errors = [(r, w) for r, (_, _, w) in enumerate(asked) if w]
     if errors:
         raise TypeError("; ".join(f"rank {r}: {w}" for r, w in errors))
