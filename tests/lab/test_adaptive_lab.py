@@ -23,14 +23,14 @@ RECORDED = Path(__file__).resolve().parents[2] / "bench" / "results" / "planner-
 
 
 def test_adaptive_training_switches_to_tp_across_a_slow_link(tmp_path):
-    from shardwise.commands.train import load_tokens
+    from shardwise.commands.train import shakespeare_text
     from shardwise.lab import Fabric
 
     rec = json.loads(RECORDED.read_text())
     cal = next(s for s in rec["scenarios"] if s["scenario"] == "2x1")["rates"]["1gbit"]["calibration"]
     (tmp_path / "cal.json").write_text(json.dumps(cal))
     text = tmp_path / "text.txt"  # the lab's nodes have no network: a local text
-    text.write_bytes(bytes(load_tokens(None)[:200_000].to(dtype=__import__("torch").uint8).tolist()))
+    text.write_bytes(shakespeare_text().encode("utf-8")[:200_000])
     out = tmp_path / "run"
     argv = [sys.executable, "-m", "shardwise", "train", "--tp", "1", "--dp", "2", "--steps", "30", "--hidden", "64",
             "--layers", "2", "--heads", "4", "--batch", "2", "--seq", "32", "--lr", "1e-3", "--text", str(text),

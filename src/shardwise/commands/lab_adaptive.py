@@ -157,7 +157,7 @@ def _phase_stats(steps: list[dict], per_phase: int, phases: int) -> dict[str, fl
 def run(args) -> int:
     from shardwise.lab import Fabric, LabError
 
-    from .train import load_tokens
+    from .train import shakespeare_text
 
     per_phase = 40 if args.quick else args.steps_per_phase
     peak_bits = _bits(args.peak)
@@ -173,7 +173,7 @@ def run(args) -> int:
     text = default_cache_dir() / "shakespeare.txt"  # fetched here, on the host's network: the lab's nodes have none
     if not text.is_file():
         text.parent.mkdir(parents=True, exist_ok=True)
-        text.write_bytes(bytes(load_tokens(None).to(dtype=__import__("torch").uint8).tolist()))
+        text.write_text(shakespeare_text(), encoding="utf-8")
     world = args.nodes * args.procs_per_node
     env = {"OMP_NUM_THREADS": "1"}
     began = time.perf_counter()
