@@ -27,10 +27,23 @@ PROMPT = "Hello"
 
 
 def _dense_text(prompt: str, n: int) -> str:
-    """The reference: the dense one-rank GPT's greedy continuation (generation.generate, no server, no tp)."""
+    """The reference: gpt-tiny's weights in the plain-torch RefGPT (tests/nn/reference.py: no shardwise layer, no
+    KV cache), greedy by argmax over the whole sequence each step. shardwise's own dense decode
+    (generation.generate at tp=1, with its KV cache) must agree: a second opinion, not the reference."""
+    from nn.reference import RefGPT
+    from shardwise.commands.registry import GPT_TINY
+
     model, _ = load_model_dense(ModelSpec("gpt-tiny"))
+    c = GPT_TINY
+    ref = RefGPT(c.vocab_size, c.hidden, c.num_layers, c.num_heads, c.num_kv_heads, c.ffn_hidden, c.activation,
+                 c.norm, c.bias)  # fmt: skip
+    ref.load_state_dict(dict(model.named_parameters()))
     ids = torch.tensor([list(prompt.encode())], dtype=torch.int64)
-    new = generate(model, ids, n)[0, ids.shape[1] :].tolist()
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.cat([ids, ref(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    new = ids[0, -n:].tolist()
+    assert generate(model, ids[:, :-n], n)[0, -n:].tolist() == new
     return bytes(new).decode("utf-8", errors="replace")
 
 
