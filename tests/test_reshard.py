@@ -123,6 +123,10 @@ def _bad_requests(model, opt):
         with pytest.raises(ValueError) as info:
             reshard_training(m, opt, layout, make_optimizer=_optimizer(False))
         errors.append(str(info.value))
+    wrong = "4:1" if dist.get_rank() == 0 else Layout(4, 1)  # one rank passes a string: every rank must refuse
+    with pytest.raises(TypeError) as info:
+        reshard_training(model, opt, wrong, make_optimizer=_optimizer(False))
+    errors.append(str(info.value))
     model(*_batch(0)).backward()  # gradients left unapplied
     with pytest.raises(ValueError) as info:
         reshard_training(model, opt, Layout(4, 1), make_optimizer=_optimizer(False))
@@ -225,10 +229,11 @@ def test_live_reshard_chain_matches_checkpoint_and_reference(tmp_path):
         assert abs(loss - ref) <= TOL, f"step {step}: loss {loss} vs plain-torch reference {ref}"
     assert first["losses"][-1] < first["losses"][0]  # it trained
     for rank, r in enumerate(results):  # every rank refused every bad request, with the fix in the message
-        grid, mismatch, heads, pending = r["errors"]
+        grid, mismatch, heads, wrong_type, pending = r["errors"]
         assert "needs tp * dp = 3 ranks but the world has 4" in grid, (rank, grid)
         assert "ranks asked to reshard to different layouts" in mismatch and "rank 0: tp4dp1" in mismatch, rank
         assert "num_heads=2 cannot be split over tp=4" in heads, (rank, heads)
+        assert wrong_type.startswith("rank 0: layout must be a shardwise.live_reshard.Layout"), (rank, wrong_type)
         assert "unapplied gradients" in pending and "zero_grad" in pending, (rank, pending)
 
 
