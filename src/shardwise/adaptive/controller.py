@@ -1,12 +1,12 @@
 """The training loop's side of adaptive tensor parallelism: watch the links, re-plan, reshard.
 
     ctl = AdaptiveController(gpt_cfg, seq=64, global_batch=16, hw=hw, layout=Layout(1, 2), ...)
-    ctl.attach(model, ddp, optimizer, mesh)        # the live objects of the current layout
+    ctl.attach(model, optimizer)                   # the live objects of the current layout
     for step in ...:
         ... one training step, timed: dt ...
         switched = ctl.after_step(step + 1, dt)    # a step boundary: grads zeroed
         if switched is not None:                   # a new model/ddp/optimizer/mesh: use them from here on
-            model, ddp, optimizer, mesh = ...
+            model, ddp, optimizer, mesh = switched.model, switched.ddp, switched.optimizer, switched.mesh
 
 Every collective training already runs reaches the LinkEstimator (comm observer), so the bandwidth estimate
 costs no extra traffic. Every `every` steps all ranks agree on the estimates and on the measured step time (one
@@ -37,8 +37,8 @@ def devices_per_node(world: int) -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", world))
 
 
-def candidate_layouts(world: int, heads: int, global_batch: int, seq: int, sequence_parallel: bool = False,
-                      dp_placements: bool = True) -> list[Layout]:  # fmt: skip
+def candidate_layouts(world: int, heads: int, global_batch: int, seq: int,
+                      sequence_parallel: bool = False) -> list[Layout]:  # fmt: skip
     """Every layout of `world` ranks a training step can take: tp dividing the heads, dp dividing the batch,
     both placements where both groups exist (they differ only then), SP on only when asked (and seq divides)."""
     out = []
@@ -46,7 +46,7 @@ def candidate_layouts(world: int, heads: int, global_batch: int, seq: int, seque
         dp = world // tp
         if heads % tp or global_batch % dp:
             continue
-        placements = ("tp-inner", "dp-inner") if dp_placements and tp > 1 and dp > 1 else ("tp-inner",)
+        placements = ("tp-inner", "dp-inner") if tp > 1 and dp > 1 else ("tp-inner",)
         for placement in placements:
             out.append(Layout(tp, dp, placement, False))
             if sequence_parallel and tp > 1 and seq % tp == 0:
@@ -69,7 +69,6 @@ class AdaptiveController:
         world = dist.get_world_size() if dist.is_initialized() else 1
         self.world = world
         self.per_node = devices_per_node(world)
-        self.gpt_cfg, self.seq, self.global_batch = gpt_cfg, seq, global_batch
         self.layout, self.every, self.bucket_mb = layout, every, bucket_mb
         self.make_optimizer = make_optimizer
         self.log = log or (lambda record: None)
@@ -82,24 +81,20 @@ class AdaptiveController:
         self.estimator = LinkEstimator(**({"window": window} if window else {}), prior=hw)
         self._spans(layout)
         self.step_times: list[float] = []  # this layout's measured step seconds since the last decision/switch
-        self.decisions: list[dict] = []
         self.switches: list[dict] = []
-        self.model = self.ddp = self.optimizer = self.mesh = None
-        comm.add_observer(self._observe)
-
-    def _observe(self, event) -> None:
-        if isinstance(event, comm.CollectiveEvent):
-            self.estimator.observe(event)
+        self.model = self.optimizer = None
+        comm.add_observer(self.estimator)  # the estimator is an observer: collective events only
 
     def _spans(self, layout: Layout) -> None:
         self.estimator.set_layout(span(layout.tp, layout.dp, layout.placement, "tp", self.per_node),
                                   span(layout.tp, layout.dp, layout.placement, "dp", self.per_node))  # fmt: skip
 
-    def attach(self, model, ddp, optimizer, mesh) -> None:
-        self.model, self.ddp, self.optimizer, self.mesh = model, ddp, optimizer, mesh
+    def attach(self, model, optimizer) -> None:
+        """The GPT and its optimizer a switch moves (reshard_training builds the new DDP and mesh)."""
+        self.model, self.optimizer = model, optimizer
 
     def close(self) -> None:
-        comm.remove_observer(self._observe)
+        comm.remove_observer(self.estimator)
 
     def _agreed(self, values: list[float]) -> list[float]:
         """Element-wise max over ranks (a parallel step ends with its slowest rank): every rank gets the same
@@ -123,9 +118,7 @@ class AdaptiveController:
         for s, t in zip(range(first, step + 1), times, strict=True):
             decision = self.replanner.decide(s, self.layout, estimates, t)  # all but the last only record t
         # the agreed step times too: with the estimates they are all decide() saw, so a log replays exactly
-        record = {"kind": "decision", **decision.to_dict(), "step_times": times}
-        self.decisions.append(record)
-        self.log(record)
+        self.log({"kind": "decision", **decision.to_dict(), "step_times": times})
         if decision.switch_to is None:
             return None
         target = next(c for c in self.candidates if c.name == decision.switch_to)
@@ -146,7 +139,7 @@ class AdaptiveController:
         # cost a round trip), so estimates restart from the new layout's own traffic (calibration meanwhile)
         self.estimator.reset()
         self._spans(target)
-        self.attach(resharded.model, resharded.ddp, resharded.optimizer, resharded.mesh)
+        self.attach(resharded.model, resharded.optimizer)
         return resharded
 
 

@@ -144,7 +144,7 @@ def train_rank(cfg: TrainConfig, data: torch.Tensor) -> dict | None:
         evals = [tuple(e) for e in state.get("evals", [])]
     ctl = train_adaptive.controller(cfg, model_cfg, mesh, new_optimizer, out, lead) if cfg.adaptive else None
     if ctl is not None:
-        ctl.attach(model, ddp, opt, mesh)
+        ctl.attach(model, opt)
     step_log = train_adaptive.JsonLines(out / "steps.jsonl" if lead else None, fresh=start_step == 0)
     bar = _bar(cfg, start_step) if lead else None
     tokens_per_step = cfg.batch * cfg.seq
