@@ -68,7 +68,8 @@ def _rate_name(bits: int) -> str:
     return f"{bits // 1_000_000}mbit" if bits % 1_000_000 == 0 else f"{bits // 1000}kbit"
 
 
-def read_steps(path: Path) -> list[dict]:
+def read_json_lines(path: Path) -> list[dict]:
+    """The complete JSON lines of a log another process may still be writing (a partial last line stops it)."""
     if not path.is_file():
         return []
     out = []
@@ -166,6 +167,15 @@ def run(args) -> int:
               file=sys.stderr)  # fmt: skip
         return 2
     low = _rate_name(peak_bits // 5) if args.low == "20%" else args.low
+    given = None  # --static, checked before the fabric and the calibration run
+    if args.static:
+        from shardwise.live_reshard import Layout
+
+        given = Layout.parse(args.static)
+        if given.sequence_parallel:
+            print("shardwise lab adaptive: --static takes TP:DP[:PLACEMENT]; the demo's runs do not use "
+                  "sequence parallelism", file=sys.stderr)  # fmt: skip
+            return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from .registry import default_cache_dir
@@ -192,14 +202,8 @@ def run(args) -> int:
             print(f"lab adaptive: {args.nodes} nodes x {args.procs_per_node}, peak {args.peak}, low {low}; planner: "
                   f"{static.name} at peak ({_ms(predicted_peak)}), {best_low.name} at {low} "
                   f"({_ms(predicted_low)})", flush=True)  # fmt: skip
-            if args.static:
-                from shardwise.live_reshard import Layout
-
-                static = Layout.parse(args.static)
-                if static.sequence_parallel:
-                    print("shardwise lab adaptive: --static takes TP:DP[:PLACEMENT]; the demo's runs do not use "
-                          "sequence parallelism", file=sys.stderr)  # fmt: skip
-                    return 2
+            if given is not None:
+                static = given
                 print(f"lab adaptive: static layout {static.name} (--static)", flush=True)
             plan = [("adaptive", static, True)] if args.constant else [("static", static, False),
                                                                        ("adaptive", static, True)]  # fmt: skip
@@ -218,9 +222,9 @@ def run(args) -> int:
                 if not res.ok:
                     print("\n".join(log[-3000:] for log in res.logs), file=sys.stderr)
                     return 1
-                runs[name] = {"layout": layout.name, "steps": read_steps(run_dir / "steps.jsonl"),
+                runs[name] = {"layout": layout.name, "steps": read_json_lines(run_dir / "steps.jsonl"),
                               "rates": schedule.applied, "wall_s": time.perf_counter() - t0,
-                              "decisions": read_steps(run_dir / "adaptive.jsonl") if adaptive else []}  # fmt: skip
+                              "decisions": read_json_lines(run_dir / "adaptive.jsonl") if adaptive else []}  # fmt: skip
                 print(f"lab adaptive: {name} ({layout.name}) {runs[name]['wall_s']:.0f} s", flush=True)
     except LabError as exc:
         print(f"shardwise lab adaptive: error: {exc}", file=sys.stderr)
