@@ -159,6 +159,7 @@ def run(args) -> int:
     from shardwise.lab import Fabric, LabError
 
     from .train import shakespeare_text
+    from .train_adaptive import predicted_ms
 
     per_phase = 40 if args.quick else args.steps_per_phase
     peak_bits = _bits(args.peak)
@@ -200,8 +201,8 @@ def run(args) -> int:
             static, predicted_peak = _static_pick(cal, args, world, _bits(args.peak))
             best_low, predicted_low = _static_pick(cal, args, world, _bits(low))
             print(f"lab adaptive: {args.nodes} nodes x {args.procs_per_node}, peak {args.peak}, low {low}; planner: "
-                  f"{static.name} at peak ({_ms(predicted_peak)}), {best_low.name} at {low} "
-                  f"({_ms(predicted_low)})", flush=True)  # fmt: skip
+                  f"{static.name} at peak ({predicted_ms(predicted_peak)}), {best_low.name} at {low} "
+                  f"({predicted_ms(predicted_low)})", flush=True)  # fmt: skip
             if given is not None:
                 static = given
                 print(f"lab adaptive: static layout {static.name} (--static)", flush=True)
@@ -239,10 +240,6 @@ def run(args) -> int:
     print(json.dumps({k: summary[k] for k in ("static_tokens_per_s", "adaptive_tokens_per_s", "switches",
                                               "loss_max_abs_diff")}))  # fmt: skip
     return 0
-
-
-def _ms(predicted: dict) -> str:
-    return ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in sorted(predicted.items(), key=lambda kv: kv[1]))
 
 
 def _summarise(runs: dict, per_phase: int, phases: int, args, low: str, static, best_low, wall: float) -> dict:

@@ -42,16 +42,20 @@ def parse_layouts(text: str | None) -> list[Layout] | None:
     return [Layout.parse(part.strip()) for part in text.split(",") if part.strip()]
 
 
+def predicted_ms(predicted: dict[str, float]) -> str:
+    """{layout: step seconds} -> "tp1dp4-tp-inner 85 ms, tp2dp2-dp-inner 226 ms", fastest first."""
+    return ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in sorted(predicted.items(), key=lambda kv: kv[1]))
+
+
 def brief(record: dict) -> str:
     """One readable line for a controller record (the JSON line has every number)."""
     if record.get("kind") == "decision":
         links = ", ".join(f"{k} {e['bandwidth_Bps'] * 8 / 1e6:.0f} Mbit/s (-{e['rel_uncertainty']:.0%})"
                           for k, e in record["estimates"].items())  # fmt: skip
-        pred = ", ".join(f"{k} {v * 1e3:.0f}" for k, v in sorted(record["predicted_s"].items(), key=lambda kv: kv[1]))
         measured = f"{record['measured_s'] * 1e3:.0f} ms" if record.get("measured_s") else "-"
         verdict = f"-> {record['switch_to']}" if record["switch_to"] else "stays"
         return (f"step {record['step']}: {record['current']} {verdict} ({record['reason']}); links {links or '-'}; "
-                f"predicted ms {pred}; measured {measured}")  # fmt: skip
+                f"predicted {predicted_ms(record['predicted_s'])}; measured {measured}")  # fmt: skip
     if record.get("kind") == "switch":
         return (f"step {record['step']}: switched {record['from']} -> {record['to']} in {record['seconds']:.2f} s "
                 f"({record['bytes_moved'] / 2**20:.1f} MiB sent by rank 0)")  # fmt: skip
