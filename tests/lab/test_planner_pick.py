@@ -23,6 +23,7 @@ LAB_STEP = Path(__file__).resolve().parents[2] / "bench" / "lab_step.py"
 RATE = "40mbit"
 WORK = {"hidden": 128, "layers": 2, "heads": 4, "vocab": 256, "seq": 32, "global_batch": 2, "micro_batch": 1}
 DECISIVE = 2.0  # predicted slower / faster layout at RATE
+ATTEMPTS = 3  # calibrate-and-measure jobs before a non-decisive model fails the test
 
 
 def planner_pick(cal: dict) -> list:
@@ -60,21 +61,29 @@ def test_planner_picks_the_measured_best_layout_across_a_slow_link(tmp_path):
             "--profile-steps", "0", "--calibrate", str(cal_path), "--out", str(out), "--timeout-s", "100"]  # fmt: skip
     for k, v in WORK.items():
         argv += [f"--{k.replace('_', '-')}", str(v)]
+    # The quick in-lab calibration (3 calls per size) is noisy at this rate: over 5 runs on 2026-11-22 it put tp=2
+    # at 83, 86, 143, 320 (CI) ms against 77-82 measured, as a token bucket lets some calls through at burst speed.
+    # The test's subject is the pick from a decisive model, so a non-decisive calibration is taken again (at most
+    # ATTEMPTS jobs, each calibrating and measuring afresh), every attempt reported on failure.
+    attempts = []
     with Fabric(nodes=2, rate=RATE) as fab:
-        res = fab.torchrun(argv, procs_per_node=1, env={"THP_MEM_ALLOC_ENABLE": "1"}, timeout_s=120)
-    assert res.ok, "\n".join(log[-2000:] for log in res.logs)
-    measured = {(e["tp"], e["dp"]): e["median_s"] for e in json.loads(out.read_text())["layouts"]}
-    cal = json.loads(cal_path.read_text())
-
-    options = planner_pick(cal)
-    predicted = {(p.tp, p.dp): p.step_s for p in options}
+        for _ in range(ATTEMPTS):
+            res = fab.torchrun(argv, procs_per_node=1, env={"THP_MEM_ALLOC_ENABLE": "1"}, timeout_s=120)
+            assert res.ok, "\n".join(log[-2000:] for log in res.logs)
+            measured = {(e["tp"], e["dp"]): e["median_s"] for e in json.loads(out.read_text())["layouts"]}
+            cal = json.loads(cal_path.read_text())
+            options = planner_pick(cal)
+            predicted = {(p.tp, p.dp): p.step_s for p in options}
+            summary = (f"measured {({k: round(v * 1e3, 1) for k, v in measured.items()})} ms, predicted "
+                       f"{({k: round(v * 1e3, 1) for k, v in predicted.items()})} ms (tp, dp) at {RATE}")  # fmt: skip
+            attempts.append(summary)
+            if max(predicted.values()) / min(predicted.values()) >= DECISIVE:
+                break
+    print("\n".join(attempts))
+    slower, faster = max(predicted.values()), min(predicted.values())
+    assert slower / faster >= DECISIVE, f"the scenario is not decisive in {len(attempts)} attempts: {attempts}"
     pick = (options[0].tp, options[0].dp)
     best = min(measured, key=measured.get)
-    summary = (f"measured {({k: round(v * 1e3, 1) for k, v in measured.items()})} ms, predicted "
-               f"{({k: round(v * 1e3, 1) for k, v in predicted.items()})} ms (tp, dp) at {RATE}")  # fmt: skip
-    print(summary)
-    slower, faster = max(predicted.values()), min(predicted.values())
-    assert slower / faster >= DECISIVE, f"the scenario is not decisive: {summary}"
     assert pick == best, (
         f"planner picked tp={pick[0]}, dp={pick[1]}; measured best tp={best[0]}, dp={best[1]}: {summary}"
     )
