@@ -81,6 +81,17 @@ def load_model_sharded(spec: ModelSpec, mesh: Mesh):
     return parallelize(model, for_model(model), mesh), tokenizer
 
 
+def load_fast_decoder(spec: ModelSpec, mesh: Mesh, max_batch: int = 1, max_len: int = 512, compile: bool = False):
+    """(shardwise.decoding.FastDecoder for this rank, tokenizer or None); TypeError when the model is not of the
+    Llama family the fast path covers (then use load_model_sharded and the general path)."""
+    from ..decoding import build_decoder
+
+    model, tokenizer = load_model_dense(spec)
+    decoder = build_decoder(model, mesh, max_batch=max_batch, max_len=max_len, compile=compile)
+    del model  # the decoder holds its own fused copies
+    return decoder, tokenizer
+
+
 def text_codec(tokenizer):
     """(encode: str -> [1, s] int64, decode: list[int] -> str) of a model's tokenizer (load_model_*'s second
     result); gpt-tiny has none: bytes are its tokens."""
