@@ -52,7 +52,7 @@ def dense_weights(model) -> DenseWeights:
     if isinstance(model, GPT):
         return _from_gpt(model)
     config = getattr(model, "config", None)
-    if getattr(config, "model_type", None) not in ("llama", "mistral", "qwen2", "smollm3") or not hasattr(model, "model"):
+    if getattr(config, "model_type", None) not in ("llama", "mistral") or not hasattr(model, "model"):
         raise _unsupported(f"got {type(model).__name__}")
     return _from_llama(model)
 
@@ -79,8 +79,9 @@ def _from_llama(model) -> DenseWeights:
         if hasattr(attn, "q_norm"):
             raise _unsupported("q/k norms are not implemented")
         layers.append({"ln1": block.input_layernorm.weight, "q": attn.q_proj.weight, "k": attn.k_proj.weight,
-                       "v": attn.v_proj.weight, "o": attn.o_proj.weight, "ln2": block.post_attention_layernorm.weight,
-                       "gate": mlp.gate_proj.weight, "up": mlp.up_proj.weight, "down": mlp.down_proj.weight})  # fmt: skip
+                       "v": attn.v_proj.weight, "o": attn.o_proj.weight,
+                       "ln2": block.post_attention_layernorm.weight, "gate": mlp.gate_proj.weight,
+                       "up": mlp.up_proj.weight, "down": mlp.down_proj.weight})  # fmt: skip
     return DenseWeights(cfg, model.model.embed_tokens.weight, model.lm_head.weight, model.model.norm.weight, layers)
 
 
