@@ -14,7 +14,8 @@
 The primitives under them (all_reduce_, all_gather, reduce_scatter) are blocking or, with async_op=True,
 return a Pending (what the overlapped layers use); either way they run through `events.run_collective`, the
 one place observers (the profiler) see op, bytes and time. With tp=1 every autograd function returns its
-input untouched and issues nothing.
+input untouched and issues nothing. Under torch.compile the primitives issue traceable.py's functional
+collectives instead (no observers, no shape agreement), so the duals trace, forward and backward, into one graph.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ..mesh import Mesh
-from . import checks
+from . import checks, traceable
 from .events import run_collective
 
 __all__ = ["all_gather", "all_reduce_", "copy_params_to_tp", "copy_to_tp", "gather_from_sp", "gather_from_tp",
@@ -47,8 +48,11 @@ def all_reduce_(x: torch.Tensor, mesh: Mesh, tag: str, phase: str, op=dist.Reduc
                 async_op: bool = False):  # fmt: skip
     """x: [...] on each rank -> its sum (or `op`) over the `group` ranks, in place (x itself is returned,
     made contiguous first)."""
-    x = x.contiguous()
     pg, size = _group(mesh, group)
+    if traceable.compiling():  # functional, then copied back: callers rely on the in-place result
+        total = x.copy_(traceable.all_reduce(x, pg, op))
+        return traceable.Ready(total) if async_op else total
+    x = x.contiguous()
     issue = lambda a: dist.all_reduce(x, op=op, group=pg, async_op=a)  # noqa: E731
     # No shape check: all-reduce inputs come from replicated activations or parameters, never a rank's own tokens.
     return run_collective("all_reduce", x.numel(), x, x, size, tag, phase, issue, async_op, group=pg,
@@ -63,6 +67,9 @@ def all_gather(x: torch.Tensor, dim: int, mesh: Mesh, tag: str, phase: str, *, a
     dim = dim % x.dim()
     if async_op and dim:
         raise ValueError("an async all_gather concatenates along dim 0; move the dim first or use async_op=False")
+    if traceable.compiling():
+        gathered = traceable.all_gather(x, dim, mesh.tp_group)
+        return traceable.Ready(gathered) if async_op else gathered
     x = x.contiguous()
     # The output is the rank-order concatenation along dim 0 (gloo insists on that exact shape).
     out = torch.empty((mesh.tp_size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
@@ -80,13 +87,19 @@ def reduce_scatter(x: torch.Tensor, mesh: Mesh, tag: str, phase: str, *, out: to
     `out`, contiguous, when given). `check_shape` as for all_gather."""
     if x.shape[0] % mesh.tp_size:
         # Agree first, as run_collective would: a peer whose count divides went on to issue, and must fail too
-        # (with the shapes of both); if every rank has this count, every rank raises below.
-        checks.before("reduce_scatter", x, mesh.tp_group, mesh.tp_size, tag, phase, check_shape=True,
-                      debug=mesh.debug)  # fmt: skip
+        # (with the shapes of both); if every rank has this count, every rank raises below. (Compiled: the
+        # shapes are the same on every rank's trace, so the error below is raised everywhere.)
+        if not traceable.compiling():
+            checks.before("reduce_scatter", x, mesh.tp_group, mesh.tp_size, tag, phase, check_shape=True,
+                          debug=mesh.debug)  # fmt: skip
         raise ValueError(
             f"sequence parallelism splits dim 0 ({x.shape[0]} tokens) across tp={mesh.tp_size} ranks; "
             f"use a sequence length that is a multiple of {mesh.tp_size}"
         )
+    if traceable.compiling():
+        part = traceable.reduce_scatter(x, mesh.tp_group)
+        part = part if out is None else out.copy_(part)
+        return traceable.Ready(part) if async_op else part
     x = x.contiguous()
     if out is None:
         out = torch.empty((x.shape[0] // mesh.tp_size, *x.shape[1:]), dtype=x.dtype, device=x.device)
@@ -141,6 +154,9 @@ class _ReduceFromTP(torch.autograd.Function):
     def forward(ctx, x, mesh, tag):
         # In place, as the partial sums are a fresh matmul output nothing else saved; mark_dirty
         # makes autograd raise (instead of silently computing wrong grads) if that is ever untrue.
+        # Compiled: out of place (the functional op makes a new tensor; the compiler reuses buffers itself).
+        if traceable.compiling():
+            return traceable.all_reduce(x, mesh.tp_group)
         if x._is_view() or not x.is_contiguous():
             x = x.clone(memory_format=torch.contiguous_format)
         else:
@@ -255,7 +271,7 @@ class _SumGradOverReplicas(torch.autograd.Function):
         for start, stop in ctx.ranges:
             full[start:stop] += grad[offset : offset + stop - start]
             offset += stop - start
-        all_reduce_(full, ctx.mesh, ctx.tag, "bwd")
+        full = all_reduce_(full, ctx.mesh, ctx.tag, "bwd")
         summed = torch.cat([full[start:stop] for start, stop in ctx.ranges])
         return summed, None, None, None, None
 

@@ -22,7 +22,10 @@ dp mean in one collective. The dp gradient sync must then leave these parameters
 ignore them (see `replicated_parameters`); `average_gradients` averages values that are already equal.
 
 Only `loss.backward()` (or torch.autograd.backward) is supported: torch.autograd.grad would return the zeros.
-Under torch.compile the layers keep the traceable per-parameter copy_params_to_tp instead.
+Under torch.compile the layers keep the traceable per-parameter copy_params_to_tp instead: its all-reduce is in the
+graph, so the compiled graph also sets a flag (a tensor it mutates, so the mutation runs on every call) that tells
+the hooks, which still fire on these parameters at runtime, to pass those already-summed grads through; an eager
+forward clears it again.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ from .events import run_collective
 __all__ = ["SP_GRAD_TAG", "ReplicaGradSync", "replicated_parameters", "replicated_params"]
 
 SP_GRAD_TAG = "sp_grad_sync"  # the tag observers see on the coalesced all-reduce
+# True while the last forward to use replicated params was a compiled one (its graph summed their grads already).
+_graph_summed = torch.zeros((), dtype=torch.bool)
 
 
 class ReplicaGradSync:
@@ -133,7 +138,7 @@ def _arrive_hook(ref: weakref.ref):
     def hook(grad):
         param = ref()
         sync = _owner_of(param) if param is not None else None
-        return grad if sync is None else sync.arrive(param, grad)
+        return grad if sync is None or bool(_graph_summed) else sync.arrive(param, grad)
 
     return hook
 
@@ -150,7 +155,9 @@ def replicated_params(params: list[torch.Tensor], mesh: Mesh, tag: str = "replic
                 "sequence parallelism with dp > 1 under torch.compile: the replicated norm/bias grads would not be "
                 "averaged over dp (their dp replicas would drift apart); run this model eagerly, or with dp=1"
             )
+        _graph_summed.fill_(True)
         return copy_params_to_tp(params, mesh, tag)
+    _graph_summed.fill_(False)
     key = (id(mesh.tp_group), id(mesh.dp_group))
     sync = _syncs.get(key)
     if sync is None or sync.mesh.tp_group is not mesh.tp_group or sync.mesh.dp_group is not mesh.dp_group:

@@ -37,7 +37,10 @@ def _first_column(local: int, mesh: Mesh, vocab_range, device, tag: str):
 
 def _shown(x) -> str:
     """A host int, or a CPU tensor's value, for a message; a device tensor would need a sync to print."""
-    return str(int(x)) if isinstance(x, int) or x.device.type == "cpu" else "V' (the columns of all ranks)"
+    # Under torch.compile a tensor's value is not known while tracing (reading it would break the graph).
+    if isinstance(x, int) or (x.device.type == "cpu" and not torch.compiler.is_compiling()):
+        return str(int(x))
+    return "V' (the columns of all ranks)"
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
