@@ -80,11 +80,13 @@ def _check(mesh, sp, backend):
     for what, run in (("eager", eager), (f"compiled {backend}", compiled)):
         where = f"tp={mesh.tp_size} sp={sp} {what}"
         loss, grads, after, loss2 = run
-        assert_close(loss, loss_ref.detach(), **FP32, msg=lambda m: f"{where}: loss: {m}")
+        assert_close(loss, loss_ref.detach(), **FP32, msg=lambda m, w=where: f"{w}: loss: {m}")
         for name, g in grads_ref.items():
-            assert_close(grads[name], g, **FP32, msg=lambda m, n=name: f"{where}: d{n}: {m}")
-            assert_close(after[name], after_ref[name], **FP32, msg=lambda m, n=name: f"{where}: {n} after step: {m}")
-        assert_close(loss2, loss2_ref, **FP32, msg=lambda m: f"{where}: loss after the step: {m}")
+            assert_close(grads[name], g, **FP32, msg=lambda m, n=name, w=where: f"{w}: d{n}: {m}")
+            assert_close(
+                after[name], after_ref[name], **FP32, msg=lambda m, n=name, w=where: f"{w}: {n} after step: {m}"
+            )
+        assert_close(loss2, loss2_ref, **FP32, msg=lambda m, w=where: f"{w}: loss after the step: {m}")
     assert_close(compiled[0], eager[0], **FP32)
 
 
