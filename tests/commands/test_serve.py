@@ -222,20 +222,33 @@ def test_choose_top_p_keeps_the_nucleus():
 
 
 class _FakeLeader:
-    """The rank protocol's leader without ranks: logits [vocab] from a script, NaN for the prompt "nan"."""
+    """The rank protocol's leader without ranks, two slots: full logits [n, 8] from a script, NaN for a prompt
+    starting with token 0."""
+
+    max_batch = 2
 
     def __init__(self):
-        self.ends = 0
+        self.nan, self.released = set(), []
 
-    def prefill(self, ids):
-        self.nan = int(ids[0, 0]) == 0
-        return torch.full((8,), float("nan")) if self.nan else torch.arange(8.0)
+    def _rows(self, slots):
+        return torch.stack([torch.full((8,), float("nan")) if s in self.nan else torch.arange(8.0) for s in slots])
 
-    def step(self, token):
-        return torch.arange(8.0)
+    def prefill(self, slot, ids, full):
+        if int(ids.reshape(-1)[0]) == 0:
+            self.nan.add(slot)
+        return self._rows([slot]) if full else self._rows([slot]).argmax(-1)
 
-    def end(self):
-        self.ends += 1
+    def step(self, slots, tokens, full):
+        return self._rows(slots) if full else self._rows(slots).argmax(-1)
+
+    def last_step(self):
+        from shardwise.decoding import StepTime
+
+        return StepTime(0.01, 0.002, 1)
+
+    def release(self, slot):
+        self.nan.discard(slot)
+        self.released.append(slot)
 
     def idle(self):
         pass
@@ -267,4 +280,4 @@ def test_a_failing_request_gets_an_error_and_the_next_is_served():
     assert [k for k, _ in got[0]] == ["error"] and "failed" in got[0][0][1], got[0]
     assert got[1][-1] == ("done", {"text": "777", "finish_reason": "length", "prompt_tokens": 1,
                                    "completion_tokens": 3}), got[1]  # fmt: skip
-    assert leader.ends == 2 and engine.metrics.requests.get("error") == 1
+    assert sorted(leader.released) == [0, 1] and engine.metrics.requests.get("error") == 1

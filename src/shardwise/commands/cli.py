@@ -80,13 +80,16 @@ def _model_parsers(sub) -> None:
         "serve",
         help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /metrics) on a tp model",
         description="Rank 0 serves HTTP (FastAPI + uvicorn: pip install 'shardwise[serve]') and drives the other "
-        "--tp ranks; requests are queued and served one at a time.",
+        "--tp ranks; Llama-family models decode concurrent requests together (step-level batching).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _model_and_tp(s)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on")
     s.add_argument("--port", type=int, default=8000, help="port to listen on")
-    s.add_argument("--max-context", type=int, default=2048, help="prompt + completion tokens (models without one)")
+    s.add_argument("--max-len", "--max-context", dest="max_len", type=int, default=1024,
+                   help="prompt + completion tokens per request (longer requests get a 400)")  # fmt: skip
+    s.add_argument("--max-batch", type=int, default=8, help="requests decoded together in one step")
+    s.add_argument("--compile", action="store_true", help="torch.compile the decoder's per-layer steps")
     s.add_argument("--timeout-s", type=float, default=120.0, help="collective timeout: a stalled rank stops the server")
 
 
@@ -260,7 +263,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             from .serve import serve_main
 
-            cfg = {"host": args.host, "port": args.port, "max_context": args.max_context, "timeout_s": args.timeout_s}
+            if args.max_batch < 1 or args.max_len < 2:
+                parser.error(f"--max-batch must be >= 1 and --max-len >= 2, got {args.max_batch}, {args.max_len}")
+            cfg = {"host": args.host, "port": args.port, "max_len": args.max_len, "timeout_s": args.timeout_s,
+                   "max_batch": args.max_batch, "compile": args.compile}  # fmt: skip
             return serve_main(spec, args.model, args.tp, cfg)
         if args.command == "verify":
             from .verify import VerifyConfig

@@ -23,6 +23,7 @@ class ServedModel:
     encode: Callable[[str], torch.Tensor]  # text -> [1, s] int64
     chat_prompt: Callable[[list[dict]], str]  # OpenAI messages -> the model's chat-formatted prompt text
     max_context: int  # prompt + generated tokens at most
+    engine_note: str = ""  # how requests are decoded (batched fast decoder or the serial general path)
 
 
 class BadRequest(Exception):
@@ -170,8 +171,9 @@ def make_app(engine: Engine, served: ServedModel):
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": served.name, "object": "model", "created": 0,
-                                            "owned_by": "shardwise"}]}  # fmt: skip
+        model = {"id": served.name, "object": "model", "created": 0, "owned_by": "shardwise",
+                 "max_context": served.max_context, "engine": served.engine_note}  # fmt: skip
+        return {"object": "list", "data": [model]}
 
     @app.get("/metrics")
     async def metrics():

@@ -1,9 +1,14 @@
-"""Rank 0's serving loop: take requests from a queue one at a time, prefill, decode token by token through
-the rank protocol, choose tokens (greedy or sampled), apply stop conditions and stream text back.
+"""Rank 0's serving loop with step-level (continuous) batching.
 
-Requests are served serially: a request waits in the queue while another decodes. Each request's events go
-to its `sink(kind, payload)`, called from the engine thread: ("text", str delta), then ("done", {"text",
-"finish_reason", "prompt_tokens", "completion_tokens"}) or ("error", message)."""
+Up to `max_batch` requests are active at once, each in a decoder slot. Every iteration: admit waiting requests
+into free slots (one PREFILL each, which also gives the request its first token), then ONE decode step for all
+active slots together (STEP), then choose each row's token (greedy, or sampled with the request's temperature,
+top_p and seed), apply stop conditions, stream text, and retire finished requests (RELEASE frees the slot for the
+next iteration's admissions). A request's tokens do not depend on what it is batched with: rows are independent
+in every op of the decoder.
+
+Each request's events go to its `sink(kind, payload)`, called from the engine thread: ("text", str delta), then
+("done", {"text", "finish_reason", "prompt_tokens", "completion_tokens"}) or ("error", message)."""
 
 from __future__ import annotations
 
@@ -15,9 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..comm import events
 from .metrics import Metrics
-from .protocol import Leader
 
 
 @dataclass
@@ -61,86 +64,121 @@ def _held_back(text: str, stop: list[str]) -> int:
     return hold
 
 
-class Engine:
-    """decode(ids: list[int]) -> str; eos_ids: tokens that end a sequence (not part of the text)."""
+@dataclass
+class _Active:
+    """A request in a slot."""
 
-    def __init__(self, leader: Leader, decode: Callable[[list[int]], str], eos_ids: set[int], metrics: Metrics):
+    req: GenerationRequest
+    gen: torch.Generator
+    tokens: list[int] = field(default_factory=list)
+    streamed: str = ""
+    last: float | None = None  # monotonic time of its previous token
+    next_token: int = -1  # the token the next decode step feeds for it
+
+
+class Engine:
+    """leader: serving.protocol.Leader (or anything with its prefill/step/release/idle/shutdown);
+    decode(ids: list[int]) -> str; eos_ids: tokens that end a sequence (not part of the text)."""
+
+    def __init__(self, leader, decode: Callable[[list[int]], str], eos_ids: set[int], metrics: Metrics):
         self.leader, self.decode, self.eos_ids, self.metrics = leader, decode, eos_ids, metrics
+        self.max_batch = leader.max_batch
         self.requests: queue.Queue[GenerationRequest] = queue.Queue()
         self.stopping = threading.Event()
-        self._comm_s = 0.0
+        self.waiting: list[GenerationRequest] = []  # taken from the queue, not admitted yet (arrival order)
+        self.active: dict[int, _Active] = {}  # slot -> request
+        self.max_batch_seen = 0  # the largest decode step so far (rows)
 
     def submit(self, request: GenerationRequest) -> None:
         self.requests.put(request)
-        self.metrics.queue_length = self.requests.qsize()
-
-    def _observe(self, event) -> None:  # sums the model's collective time (rank 0's view)
-        if isinstance(event, events.CollectiveEvent) and event.seconds is not None:
-            self._comm_s += event.seconds
+        self.metrics.set_queue(self.requests.qsize() + len(self.waiting), len(self.active))
 
     def run(self, heartbeat_s: float = 1.0) -> None:
         """Serve until `stopping` is set; then tell the followers to leave. A failed collective (a peer died)
         propagates: the caller stops the server."""
-        events.add_observer(self._observe)
-        try:
-            while not self.stopping.is_set():
-                try:
-                    request = self.requests.get(timeout=heartbeat_s)
+        while not self.stopping.is_set():
+            if not self.active and not self.waiting:
+                try:  # nothing to decode: block for a request (a heartbeat while none comes)
+                    self.waiting.append(self.requests.get(timeout=heartbeat_s))
                 except queue.Empty:
                     self.leader.idle()  # keeps the followers' broadcast from timing out; notices a dead peer
                     continue
-                self.metrics.queue_length = self.requests.qsize()
-                self._serve(request)
-            self.leader.shutdown()
-        finally:
-            events.remove_observer(self._observe)
+            self._admit()
+            if self.active:
+                self._step()
+            self.metrics.set_queue(self.requests.qsize() + len(self.waiting), len(self.active))
+        self.leader.shutdown()
 
-    def _serve(self, req: GenerationRequest) -> None:
-        gen = torch.Generator().manual_seed(req.seed if req.seed is not None else int(torch.seed() % 2**63))
-        tokens: list[int] = []
-        streamed, finish, cut = "", "length", -1
-        last, failed = None, None
-        try:
-            self._comm_s = 0.0
-            logits = self.leader.prefill(req.prompt_ids)
-            while True:
-                try:  # this request's own failure (e.g. NaN logits): a 500 for it, the server keeps serving
-                    token = choose(logits, req.temperature, req.top_p, gen)
-                except (RuntimeError, ValueError) as exc:
-                    failed = f"choosing token {len(tokens) + 1} failed: {exc}"
-                    break
-                now = time.monotonic()
-                if token in self.eos_ids:
-                    finish = "stop"
-                    break
-                tokens.append(token)
-                latency, ttft = (None, now - req.arrived) if last is None else (now - last, None)
-                self.metrics.token(latency, ttft, self._comm_s)
-                last = now
-                text = self.decode(tokens)
-                cut = min((i for i in (text.find(s) for s in req.stop) if i >= 0), default=-1)
-                if cut >= 0:
-                    text, finish = text[:cut], "stop"
-                    break
-                safe = text[: len(text) - _held_back(text, req.stop)]
-                if safe.startswith(streamed) and len(safe) > len(streamed):
-                    req.sink("text", safe[len(streamed) :])
-                    streamed = safe
-                if len(tokens) >= req.max_tokens or req.cancelled.is_set():
-                    finish = "length" if not req.cancelled.is_set() else "cancelled"
-                    break
-                self._comm_s = 0.0
-                logits = self.leader.step(token)
-            if cut < 0:  # a stop string's cut text is final already
-                text = self.decode(tokens)
-        finally:
-            self.leader.end()  # the followers leave this request whatever happened here
-        if failed is not None:
-            req.sink("error", failed)
+    def _admit(self) -> None:
+        while True:
+            try:
+                self.waiting.append(self.requests.get_nowait())
+            except queue.Empty:
+                break
+        free = [s for s in range(self.max_batch) if s not in self.active]
+        admitted, self.waiting = self.waiting[: len(free)], self.waiting[len(free) :]
+        for req, slot in zip(admitted, free, strict=False):
+            if req.cancelled.is_set():
+                self.metrics.request_done("cancelled")
+                continue
+            seed = req.seed if req.seed is not None else int(torch.seed() % 2**63)
+            act = _Active(req, torch.Generator().manual_seed(seed))
+            self.active[slot] = act
+            sample = req.temperature > 0
+            out = self.leader.prefill(slot, req.prompt_ids, sample)
+            self._advance(slot, out[0], sample, comm_s=None)
+
+    def _step(self) -> None:
+        slots = sorted(self.active)
+        tokens = [self.active[s].next_token for s in slots]
+        full = any(self.active[s].req.temperature > 0 for s in slots)
+        out = self.leader.step(slots, tokens, full)
+        comm = self.leader.last_step().comm_seconds / len(slots)  # the step's collective time, split per row
+        self.max_batch_seen = max(self.max_batch_seen, len(slots))
+        self.metrics.step(len(slots))
+        for row, slot in enumerate(slots):
+            self._advance(slot, out[row], full, comm_s=comm)
+
+    def _advance(self, slot: int, out: torch.Tensor, full: bool, comm_s: float | None) -> None:
+        """Take one new token for the request in `slot`: out is its full logits row [vocab] when `full`, else its
+        greedy token id (a 0-d tensor). Retires the request when it is finished."""
+        act = self.active[slot]
+        req = act.req
+        try:  # this request's own failure (e.g. NaN logits): an error for it, the others go on
+            token = choose(out, req.temperature, req.top_p, act.gen) if full else int(out)
+        except (RuntimeError, ValueError) as exc:
+            return self._retire(slot, error=f"choosing token {len(act.tokens) + 1} failed: {exc}")
+        now = time.monotonic()
+        if token in self.eos_ids:
+            return self._retire(slot, "stop")
+        act.tokens.append(token)
+        latency, ttft = (None, now - req.arrived) if act.last is None else (now - act.last, None)
+        self.metrics.token(latency, ttft, comm_s)
+        act.last, act.next_token = now, token
+        text = self.decode(act.tokens)
+        cut = min((i for i in (text.find(s) for s in req.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            return self._retire(slot, "stop", text[:cut])
+        safe = text[: len(text) - _held_back(text, req.stop)]
+        if safe.startswith(act.streamed) and len(safe) > len(act.streamed):
+            req.sink("text", safe[len(act.streamed) :])
+            act.streamed = safe
+        if req.cancelled.is_set():
+            return self._retire(slot, "cancelled")
+        if len(act.tokens) >= req.max_tokens:
+            return self._retire(slot, "length")
+
+    def _retire(self, slot: int, finish: str = "", text: str | None = None, error: str | None = None) -> None:
+        act = self.active.pop(slot)
+        self.leader.release(slot)  # the followers free the slot too
+        req = act.req
+        if error is not None:
+            req.sink("error", error)
             self.metrics.request_done("error")
             return
-        if text.startswith(streamed) and len(text) > len(streamed):
-            req.sink("text", text[len(streamed) :])
+        text = self.decode(act.tokens) if text is None else text  # a stop string's cut text is final already
+        if text.startswith(act.streamed) and len(text) > len(act.streamed):
+            req.sink("text", text[len(act.streamed) :])
         req.sink("done", {"text": text, "finish_reason": finish, "prompt_tokens": int(req.prompt_ids.shape[1]),
-                          "completion_tokens": len(tokens)})  # fmt: skip
+                          "completion_tokens": len(act.tokens)})  # fmt: skip
         self.metrics.request_done("cancelled" if finish == "cancelled" else "ok")

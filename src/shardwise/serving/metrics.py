@@ -8,6 +8,8 @@ import threading
 import time
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_COMM_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+_BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 
 
 class Histogram:
@@ -50,8 +52,10 @@ class Metrics:
         self.tokens = 0
         self.ttft = Histogram()  # request arrival -> first token, seconds
         self.token_latency = Histogram()  # between consecutive tokens of a request, seconds
-        self.comm_per_token = Histogram()  # collective seconds inside one decode step (rank 0's view)
-        self.queue_length = 0
+        self.comm_per_token = Histogram(_COMM_BUCKETS)  # a decode step's collective seconds / its rows (rank 0)
+        self.queue_length = 0  # requests waiting for a slot
+        self.active = 0  # requests in slots (the batch the next decode step runs)
+        self.batch_size = Histogram(_BATCH_BUCKETS)  # rows per decode step
         self.started = time.monotonic()
         self._recent_tokens: list[float] = []  # monotonic stamps of the last minute's tokens
 
@@ -59,7 +63,17 @@ class Metrics:
         with self.lock:
             self.requests[outcome] = self.requests.get(outcome, 0) + 1
 
-    def token(self, latency: float | None, ttft: float | None, comm_s: float) -> None:
+    def set_queue(self, waiting: int, active: int) -> None:
+        with self.lock:
+            self.queue_length, self.active = waiting, active
+
+    def step(self, rows: int) -> None:
+        with self.lock:
+            self.batch_size.observe(rows)
+
+    def token(self, latency: float | None, ttft: float | None, comm_s: float | None) -> None:
+        """One token of a request: latency since its previous token (None for its first), time to first token
+        (only for its first), comm seconds attributed to it (None for a prefill's token)."""
         with self.lock:
             self.tokens += 1
             now = time.monotonic()
@@ -70,6 +84,7 @@ class Metrics:
                 self.ttft.observe(ttft)
             if latency is not None:
                 self.token_latency.observe(latency)
+            if comm_s is not None:
                 self.comm_per_token.observe(comm_s)
 
     def tokens_per_second(self) -> float:
@@ -89,15 +104,24 @@ class Metrics:
             for name, hist, text in (
                 ("time_to_first_token_seconds", self.ttft, "Request arrival to its first token."),
                 ("token_latency_seconds", self.token_latency, "Time between a request's consecutive tokens."),
-                ("comm_seconds_per_token", self.comm_per_token, "Collective time in one decode step (rank 0)."),
+                (
+                    "comm_seconds_per_token",
+                    self.comm_per_token,
+                    "A decode step's collective time (rank 0) divided among its rows.",
+                ),
+                ("batch_size", self.batch_size, "Rows (requests) per decode step."),
             ):
                 lines += [f"# HELP {p}{name} {text}", f"# TYPE {p}{name} histogram"]
                 lines += [_label(line, self.labels) for line in hist.lines(p + name)]
             for name, value, text in (
                 ("tokens_per_second", self.tokens_per_second(), "Tokens per second over the last minute."),
-                ("queue_length", self.queue_length, "Requests waiting (not counting the one being served)."),
+                ("queue_length", self.queue_length, "Requests waiting for a batch slot."),
+                ("active_requests", self.active, "Requests in batch slots (being decoded)."),
                 ("token_latency_p50_seconds", self.token_latency.quantile(0.5), "Median per-token latency."),
                 ("token_latency_p99_seconds", self.token_latency.quantile(0.99), "p99 per-token latency."),
+                ("time_to_first_token_p50_seconds", self.ttft.quantile(0.5), "Median time to first token."),
+                ("time_to_first_token_p99_seconds", self.ttft.quantile(0.99), "p99 time to first token."),
+                ("comm_seconds_per_token_p50", self.comm_per_token.quantile(0.5), "Median comm seconds per token."),
             ):
                 lines += [f"# HELP {p}{name} {text}", f"# TYPE {p}{name} gauge", f"{p}{name}{{{self.labels}}} {value}"]
         return "\n".join(lines) + "\n"
