@@ -75,6 +75,13 @@ def _model_parsers(sub) -> None:
     g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (the same on every rank)")
     g.add_argument("--check", action="store_true", help="also generate with the dense model and compare")
+    g.add_argument("--engine", choices=("auto", "fast", "model"), default="auto",
+                   help="fast: shardwise's decoder for Llama-family models (fused shards, 2 all-reduces per "
+                   "layer); model: the parallelized model's own forward (any plan); auto: fast when it "
+                   "applies")  # fmt: skip
+    g.add_argument("--compile", action="store_true", help="torch.compile the fast decoder's per-layer compute")
+    g.add_argument("--threads", type=int, default=None, help="intra-op threads per rank (default: OMP_NUM_THREADS|1)")
+    g.add_argument("--max-len", type=int, default=512, help="KV cache length of the fast decoder (prompt + new tokens)")
 
     s = sub.add_parser(
         "serve",
@@ -185,6 +192,7 @@ def _train_parser(sub) -> None:
                    help="tp-inner: tp ranks adjacent (tp inside a node); dp-inner: dp ranks adjacent")  # fmt: skip
     t.add_argument("--zero", action="store_true", help="ZeRO-1: Adam state partitioned over dp ranks")
     t.add_argument("--bucket-mb", type=float, default=d.bucket_mb, help="DDP gradient bucket size, MiB")
+    t.add_argument("--compile", action="store_true", help="torch.compile the model (fullgraph; first steps compile)")
     a = t.add_argument_group("adaptive tensor parallelism (--adaptive)")
     a.add_argument("--adaptive", action="store_true", help="every --replan-every steps, predict every layout at the "
                    "link rates seen in training's collectives; reshard in memory when another pays")  # fmt: skip
@@ -277,8 +285,13 @@ def main(argv: list[str] | None = None) -> int:
             return verify_main(spec, cfg, args.model)
         from .generate import generate_main
 
+        if args.compile and args.engine == "model":
+            parser.error("--compile applies to the fast decoder: drop --engine model")
+        if (args.threads is not None and args.threads < 1) or args.max_len < 2:
+            parser.error(f"--threads must be >= 1 and --max-len >= 2, got {args.threads}, {args.max_len}")
         cfg = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
-               "seed": args.seed, "check": args.check}  # fmt: skip
+               "seed": args.seed, "check": args.check, "engine": args.engine, "compile": args.compile,
+               "threads": args.threads, "max_len": args.max_len}  # fmt: skip
         return generate_main(spec, args.model, args.tp, args.prompt, cfg)
     if args.command == "demo":
         from .demo import DemoConfig

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -10,7 +11,7 @@ import shardwise
 
 from ..generation import generate
 from ..nn.gpt import GPT
-from .registry import load_model_dense, load_model_sharded, text_codec
+from .registry import load_fast_decoder, load_model_dense, load_model_sharded, text_codec
 
 
 def _run(model, tokenizer, prompt: torch.Tensor, cfg: dict, stream: bool) -> torch.Tensor:
@@ -49,22 +50,82 @@ def _run(model, tokenizer, prompt: torch.Tensor, cfg: dict, stream: bool) -> tor
     return out
 
 
+def _run_fast(decoder, tokenizer, prompt: torch.Tensor, cfg: dict, stream: bool) -> tuple[list[int], list]:
+    """Decode with the fast decoder (every rank): (new token ids, the decode steps' StepTimes)."""
+    printed: list[int] = []
+    _, decode = text_codec(tokenizer)
+    gen = torch.Generator().manual_seed(cfg["seed"])  # the same draws on every rank
+
+    def choose(local: torch.Tensor) -> torch.Tensor:
+        if cfg["temperature"] == 0.0:
+            return decoder.greedy(local)
+        logits = decoder.full_logits(local).float() / cfg["temperature"]
+        if cfg["top_k"] is not None:
+            kth = logits.topk(min(cfg["top_k"], logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        return torch.multinomial(logits.softmax(dim=-1), 1, generator=gen).squeeze(-1)
+
+    steps = []
+    token = choose(decoder.prefill(0, prompt[0]))
+    for i in range(cfg["max_new_tokens"]):
+        printed.append(int(token[0]))
+        if stream:
+            text, previous = decode(printed), decode(printed[:-1])
+            print(text[len(previous) :], end="", flush=True)
+        if i + 1 < cfg["max_new_tokens"]:
+            token = choose(decoder.decode([0], token))
+            steps.append(decoder.last_step)
+    return printed, steps
+
+
+def _split(steps: list) -> dict:
+    """Median per-token latency and its compute / communication parts over the decode steps (ms)."""
+    if not steps:
+        return {}
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    return {"token_ms": 1e3 * med([s.seconds for s in steps]), "comm_ms": 1e3 * med([s.comm_seconds for s in steps]),
+            "compute_ms": 1e3 * med([s.compute_seconds for s in steps]), "collectives": steps[-1].collectives,
+            "p90_token_ms": 1e3 * sorted(s.seconds for s in steps)[int(0.9 * (len(steps) - 1))]}  # fmt: skip
+
+
 def generate_rank(spec, tp: int, text: str, cfg: dict) -> dict | None:
     mesh = shardwise.init_mesh(tp)
     lead = mesh.tp_rank == 0
-    model, tokenizer = load_model_sharded(spec, mesh)
+    engine = cfg.get("engine", "auto")
+    decoder = None
+    if engine != "model":
+        max_len = cfg.get("max_len") or 0
+        try:
+            decoder, tokenizer = load_fast_decoder(spec, mesh, max_len=max_len or 512, compile=cfg.get("compile"))
+        except TypeError as exc:
+            if engine == "fast":
+                raise
+            if lead:
+                print(f"(general path: {exc})".split(". Use")[0] + ")", flush=True)
+    if decoder is None:
+        model, tokenizer = load_model_sharded(spec, mesh)
     encode, decode = text_codec(tokenizer)
     prompt = encode(text)
+    if decoder is not None and prompt.shape[1] + cfg["max_new_tokens"] > decoder.max_len:
+        raise ValueError(f"prompt ({prompt.shape[1]} tokens) + --max-new-tokens {cfg['max_new_tokens']} exceed "
+                         f"--max-len {decoder.max_len}; raise --max-len")  # fmt: skip
+    if decoder is not None and cfg.get("compile") and cfg["max_new_tokens"] > 1:  # compile before the clock
+        decoder.decode([0], decoder.greedy(decoder.prefill(0, prompt[0])))
     if lead:
         print(text, end="", flush=True)
     start = time.perf_counter()
+    split = {}
     with torch.no_grad():
-        out = _run(model, tokenizer, prompt, cfg, stream=lead)
+        if decoder is not None:
+            new, steps = _run_fast(decoder, tokenizer, prompt, cfg, stream=lead)
+            split = _split(steps)
+        else:
+            new = _run(model, tokenizer, prompt, cfg, stream=lead)[0, prompt.shape[1] :].tolist()
     seconds = time.perf_counter() - start
     if not lead:
         return None
-    new = out[0, prompt.shape[1] :].tolist()
-    result = {"tokens": new, "text": decode(new), "seconds": seconds}
+    result = {"tokens": new, "text": decode(new), "seconds": seconds, "engine": "fast" if decoder else "model",
+              "split": split}  # fmt: skip
     if cfg["check"]:
         dense, _ = load_model_dense(spec)
         with torch.no_grad():
@@ -74,10 +135,20 @@ def generate_rank(spec, tp: int, text: str, cfg: dict) -> dict | None:
 
 
 def generate_main(spec, model_name: str, tp: int, text: str, cfg: dict) -> int:
-    print(f"shardwise generate {model_name} on tp={tp} ({'greedy' if cfg['temperature'] == 0 else 'sampled'})")
+    mode = "greedy" if cfg["temperature"] == 0 else "sampled"
+    threads = cfg.get("threads") or 1
+    print(f"shardwise generate {model_name} on tp={tp} x {threads} thread(s) ({mode})")
+    if cfg.get("threads"):  # each rank's intra-op threads (the launcher reads it)
+        os.environ["OMP_NUM_THREADS"] = str(cfg["threads"])
     result = shardwise.launch(generate_rank, tp, spec, tp, text, cfg)[0]
     n = len(result["tokens"])
-    print(f"\n{n} tokens in {result['seconds']:.2f} s: {n / max(result['seconds'], 1e-9):.1f} tokens/s (tp={tp})")
+    print(f"\n{n} tokens in {result['seconds']:.2f} s: {n / max(result['seconds'], 1e-9):.1f} tokens/s (tp={tp}, "
+          f"{result['engine']} path{', compiled' if cfg.get('compile') else ''})")  # fmt: skip
+    split = result["split"]
+    if split:
+        print(f"per token (median of {n - 1} decode steps): {split['token_ms']:.1f} ms = compute "
+              f"{split['compute_ms']:.1f} ms + communication {split['comm_ms']:.1f} ms in {split['collectives']} "
+              f"collectives (p90 {split['p90_token_ms']:.1f} ms)")  # fmt: skip
     if cfg["check"]:
         same = result["dense_tokens"] == result["tokens"]
         print(f"dense model: {'same tokens' if same else 'DIFFERENT tokens: ' + repr(result['dense_tokens'])}")
