@@ -76,7 +76,12 @@ def _check(mesh, sp, backend):
         for n, p in model.named_parameters():
             p.copy_(start[n])
     torch._dynamo.reset()
-    compiled = _run(model, mesh, ids, targets, torch.compile(model, fullgraph=True, backend=backend))
+    seen = []  # an observer (the profiler's hook) attached: the compiled graph must not run its Python timing
+    shardwise.comm.add_observer(seen.append, starts=True)
+    try:
+        compiled = _run(model, mesh, ids, targets, torch.compile(model, fullgraph=True, backend=backend))
+    finally:
+        shardwise.comm.remove_observer(seen.append)
     for what, run in (("eager", eager), (f"compiled {backend}", compiled)):
         where = f"tp={mesh.tp_size} sp={sp} {what}"
         loss, grads, after, loss2 = run

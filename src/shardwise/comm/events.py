@@ -238,8 +238,9 @@ class _SpanStart(torch.autograd.Function):
 
 def timed_compute(tag: str, fn, x: torch.Tensor, *args):
     """fn(x, *args), reporting its forward and backward time to the observers, if any. Without
-    observers this is a plain call: profiling costs nothing when off."""
-    if not _observers:
+    observers this is a plain call: profiling costs nothing when off. Under torch.compile too: the host clock
+    cannot be traced (the profiler times eager runs; compiled collectives report nothing either)."""
+    if not _observers or torch.compiler.is_compiling():
         return fn(x, *args)
     span = {"tag": tag}
     if x.requires_grad:

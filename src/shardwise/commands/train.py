@@ -43,6 +43,7 @@ class TrainConfig:
     placement: str = "tp-inner"  # or "dp-inner": which groups' ranks are adjacent (init_mesh)
     zero: bool = False  # ZeRO-1: Adam's state partitioned over dp (torch's ZeroRedundancyOptimizer)
     bucket_mb: float = 25.0  # DDP gradient bucket size, MiB
+    compile: bool = False  # torch.compile(fullgraph=True) of the model (its collectives as functional ops)
     steps: int = 200
     hidden: int = 128
     layers: int = 2
@@ -129,6 +130,11 @@ def train_rank(cfg: TrainConfig, data: torch.Tensor) -> dict | None:
     # DDP averages the gradients over dp during backward; `model` stays the GPT itself (profiled, evaluated and
     # checkpointed), `ddp` is what the step calls.
     ddp = wrap_ddp(model, mesh, bucket_mb=cfg.bucket_mb)
+    if cfg.compile:
+        if cfg.adaptive:  # a reshard replaces the model's modules: the compiled graph would be stale
+            raise ValueError("--compile with --adaptive: a layout switch rebuilds the model; drop one of them")
+        # In place (nn.Module.compile): `model` keeps its state_dict keys, and DDP (dp > 1) calls the compiled forward.
+        model.compile(fullgraph=True)
 
     def new_optimizer(params, on_mesh):
         return make_optimizer(params, on_mesh, torch.optim.Adam, zero=cfg.zero, lr=cfg.lr)
