@@ -78,6 +78,17 @@ def _stream(client, path: str, body: dict) -> tuple[str, list[dict]]:
     return "".join(text), chunks
 
 
+def _samples(metrics: str) -> dict:
+    """Prometheus text -> {(name, labels): value}; asserts every sample line parses."""
+    samples = {}
+    for line in metrics.splitlines():
+        if not line.startswith("#"):
+            m = re.fullmatch(r'([a-z_0-9]+)\{((?:[a-z_]+="[^"]*",?)*)\} (\S+)', line)
+            assert m, line
+            samples[(m.group(1), m.group(2))] = float(m.group(3))
+    return samples
+
+
 def test_serve_gpt_tiny_tp2_openai_api_then_a_rank_dies():
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -156,6 +167,44 @@ def test_serve_gpt_tiny_tp2_openai_api_then_a_rank_dies():
             t.join(timeout=30)
         assert results == [want] * 4
 
+        # 4 concurrent requests with different prompts and lengths: decoded together (a decode step had more than
+        # one row, /metrics says), each with its solo greedy text (rows never mix: a slot gets its own tokens)
+        prompts = {"Hello": 14, "The quick": 10, "abc": 16, "Zebra!": 12}
+        solo = {p: _dense_text(p, n) for p, n in prompts.items()}
+        batched = {}
+
+        def one(p: str) -> None:
+            body = {**greedy, "prompt": p, "max_tokens": prompts[p]}
+            batched[p] = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+
+        threads = [threading.Thread(target=one, args=(p,)) for p in prompts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        assert batched == solo
+        steps = _samples(client.get("/metrics").text)
+        label = 'model="gpt-tiny",tp="2"'
+        one_row = steps[("shardwise_serve_batch_size_bucket", f'le="1",{label}')]
+        assert steps[("shardwise_serve_batch_size_count", label)] > one_row, "no decode step had 2+ rows"
+
+        # the official openai client: same greedy text, streamed and not, completions and chat
+        import openai
+
+        oai = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=15, max_retries=0)
+        assert oai.completions.create(model="gpt-tiny", prompt=PROMPT, max_tokens=12, temperature=0).choices[0].text \
+            == want  # fmt: skip
+        pieces = oai.completions.create(model="gpt-tiny", prompt=PROMPT, max_tokens=12, temperature=0, stream=True)
+        assert "".join(c.choices[0].text for c in pieces) == want
+        messages = [{"role": "user", "content": "hi"}]
+        reply = oai.chat.completions.create(model="gpt-tiny", messages=messages, max_tokens=6, temperature=0)
+        assert reply.choices[0].message.content == r["choices"][0]["message"]["content"]
+        pieces = oai.chat.completions.create(model="gpt-tiny", messages=messages, max_tokens=6, temperature=0,
+                                             stream=True)  # fmt: skip
+        assert "".join(c.choices[0].delta.content or "" for c in pieces) == reply.choices[0].message.content
+        with pytest.raises(openai.NotFoundError):
+            oai.completions.create(model="gpt-huge", prompt=PROMPT, max_tokens=2)
+
         # bad requests: OpenAI-style 4xx JSON errors, and the server keeps serving
         for body, status, param, code in (
             ({**greedy, "model": "gpt-huge"}, 404, "model", "model_not_found"),
@@ -171,13 +220,7 @@ def test_serve_gpt_tiny_tp2_openai_api_then_a_rank_dies():
         assert client.get("/v1/models").json()["data"][0]["id"] == "gpt-tiny"
 
         # /metrics: Prometheus text; every sample line parses
-        metrics = client.get("/metrics").text
-        samples = {}
-        for line in metrics.splitlines():
-            if not line.startswith("#"):
-                m = re.fullmatch(r'([a-z_0-9]+)\{((?:[a-z_]+="[^"]*",?)*)\} (\S+)', line)
-                assert m, line
-                samples[(m.group(1), m.group(2))] = float(m.group(3))
+        samples = _samples(client.get("/metrics").text)
         names = {name for name, _ in samples}
         expected = (
             "requests_total",
@@ -187,6 +230,9 @@ def test_serve_gpt_tiny_tp2_openai_api_then_a_rank_dies():
             "comm_seconds_per_token_sum",
             "tokens_per_second",
             "queue_length",
+            "active_requests",
+            "batch_size_count",
+            "time_to_first_token_p99_seconds",
         )
         for name in expected:
             assert f"shardwise_serve_{name}" in names, name
@@ -281,3 +327,42 @@ def test_a_failing_request_gets_an_error_and_the_next_is_served():
     assert got[1][-1] == ("done", {"text": "777", "finish_reason": "length", "prompt_tokens": 1,
                                    "completion_tokens": 3}), got[1]  # fmt: skip
     assert sorted(leader.released) == [0, 1] and engine.metrics.requests.get("error") == 1
+
+
+def _run_engine(leader, requests: dict[str, int]) -> tuple[dict[str, str], object]:
+    """Submit greedy requests {prompt: max_tokens} all at once (so the first iteration admits them together), serve
+    them in-process (one rank, no broadcasts) -> ({prompt: text}, engine)."""
+    from shardwise.serving.engine import Engine, GenerationRequest
+    from shardwise.serving.metrics import Metrics
+
+    engine = Engine(leader, lambda ids: bytes(ids).decode("utf-8", errors="replace"), set(), Metrics("gpt-tiny", 1))
+    done: dict[str, str] = {}
+    for p, n in requests.items():
+        sink = lambda k, payload, p=p: done.__setitem__(p, payload["text"]) if k == "done" else None  # noqa: E731
+        engine.submit(GenerationRequest(torch.tensor([list(p.encode())]), n, sink, temperature=0.0))
+    runner = threading.Thread(target=engine.run, kwargs={"heartbeat_s": 0.05}, daemon=True)
+    runner.start()
+    deadline = time.monotonic() + 20
+    while len(done) < len(requests) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    engine.stopping.set()
+    runner.join(5)
+    return done, engine
+
+
+def test_batched_rows_keep_their_own_sequences_and_the_general_path_serves():
+    """In-process, tp=1: three requests of different prompts and lengths admitted together and decoded in shared
+    steps (3, then 2, then 1 rows) by the FastDecoder each get their solo greedy text (the plain-torch reference's),
+    so rows never trade tokens or caches; the general path (GeneralDecoder, one slot) serves the same texts."""
+    from shardwise.decoding import build_decoder
+    from shardwise.mesh import Mesh
+    from shardwise.serving import GeneralDecoder, Leader
+
+    requests = {"Hello": 9, "The quick": 5, "abc": 7}
+    solo = {p: _dense_text(p, n) for p, n in requests.items()}
+    model, _ = load_model_dense(ModelSpec("gpt-tiny"))
+    fast = build_decoder(model, Mesh.single(), max_batch=4, max_len=64)
+    texts, engine = _run_engine(Leader(fast), requests)
+    assert texts == solo and engine.max_batch_seen == 3
+    texts, engine = _run_engine(Leader(GeneralDecoder(model)), requests)
+    assert texts == solo and engine.max_batch_seen == 1
