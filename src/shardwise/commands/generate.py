@@ -14,12 +14,14 @@ from ..nn.gpt import GPT
 from .registry import load_fast_decoder, load_model_dense, load_model_sharded, text_codec
 
 
-def _run(model, tokenizer, prompt: torch.Tensor, cfg: dict, stream: bool) -> torch.Tensor:
-    """Decode on this rank; print tokens as they come when `stream`."""
+def _run(model, tokenizer, prompt: torch.Tensor, cfg: dict, stream: bool, on_token=None) -> torch.Tensor:
+    """Decode on this rank; print tokens as they come when `stream`; `on_token()` is called as each comes."""
     printed = []
     _, decode = text_codec(tokenizer)
 
     def show(next_ids: torch.Tensor) -> None:
+        if on_token is not None:
+            on_token()
         printed.append(int(next_ids[0]))
         if stream:  # re-decode the tail: a token may complete a multi-byte character only later
             text = decode(printed)
@@ -50,7 +52,7 @@ def _run(model, tokenizer, prompt: torch.Tensor, cfg: dict, stream: bool) -> tor
     return out
 
 
-def _run_fast(decoder, tokenizer, prompt: torch.Tensor, cfg: dict, stream: bool) -> tuple[list[int], list]:
+def _run_fast(decoder, tokenizer, prompt: torch.Tensor, cfg: dict, stream: bool, on_token=None) -> tuple[list, list]:
     """Decode with the fast decoder (every rank): (new token ids, the decode steps' StepTimes)."""
     printed: list[int] = []
     _, decode = text_codec(tokenizer)
@@ -68,6 +70,8 @@ def _run_fast(decoder, tokenizer, prompt: torch.Tensor, cfg: dict, stream: bool)
     steps = []
     token = choose(decoder.prefill(0, prompt[0]))
     for i in range(cfg["max_new_tokens"]):
+        if on_token is not None:
+            on_token()
         printed.append(int(token[0]))
         if stream:
             text, previous = decode(printed), decode(printed[:-1])

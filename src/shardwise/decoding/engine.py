@@ -8,7 +8,11 @@ GEMVs tp halves. This path keeps only the work itself:
   - preallocated KV caches [layers][batch slots, local kv heads, max_len, head_dim], written in place;
   - rotary tables precomputed for max_len; the input embedding held whole (a lookup, no all-reduce);
   - per layer exactly two all-reduces of [n, hidden] (after o and after down: the minimum for Megatron TP, the
-    RMSNorm between them is not linear), through the comm choke point so the profiler sees them;
+    RMSNorm between them is not linear), through the comm choke point so the profiler sees them. A decode
+    step's all-reduce is a few KiB, so its cost is latency, not bandwidth: gloo's ring all-reduce makes 2(tp-1)
+    dependent exchanges, a one-shot all-reduce (all-gather the partial sums, add them locally in rank order)
+    makes one; `all_reduce="one_shot"` (the default up to 64 KiB per rank) uses it, the result is the same sum
+    and bitwise identical on every rank (the same additions in the same order), `"ring"` keeps gloo's;
   - greedy decoding gathers each rank's (max, argmax) pair, 2 numbers per row, not the [n, vocab] logits;
   - `compile=True`: each layer's two compute segments (norm..o, norm..down) compiled with torch.compile
     (fullgraph, static shapes: attention over the whole max_len with a mask), collectives left outside them so
@@ -78,11 +82,14 @@ class FastDecoder:
     """Inference-only decoder over one rank's LocalWeights. Every rank of the tp group makes the same calls."""
 
     def __init__(self, weights: LocalWeights, mesh: Mesh, max_batch: int = 1, max_len: int = 512,
-                 compile: bool = False):  # fmt: skip
+                 compile: bool = False, all_reduce: str = "auto"):  # fmt: skip
         c = weights.config
         if weights.tp != mesh.tp_size or weights.rank != mesh.tp_rank:
             raise ValueError(f"weights were sharded for rank {weights.rank} of tp={weights.tp}, the mesh is rank "
                              f"{mesh.tp_rank} of tp={mesh.tp_size}")  # fmt: skip
+        if all_reduce not in ("auto", "one_shot", "ring"):
+            raise ValueError(f"all_reduce must be 'auto', 'one_shot' or 'ring', got {all_reduce!r}")
+        self.all_reduce = all_reduce
         if max_batch < 1 or max_len < 2:
             raise ValueError(f"max_batch must be >= 1 and max_len >= 2, got {max_batch}, {max_len}")
         self.w, self.mesh, self.config = weights, mesh, c
@@ -117,7 +124,14 @@ class FastDecoder:
         if self.mesh.tp_size == 1:
             return x
         start = time.perf_counter()
-        out = all_reduce_(x, self.mesh, "decode", "forward")
+        one_shot = self.all_reduce == "one_shot" or (
+            self.all_reduce == "auto" and x.numel() * x.element_size() <= 1 << 16
+        )
+        if one_shot:  # [tp * n, h] partial sums -> summed in rank order (the same bits on every rank)
+            parts = all_gather(x, 0, self.mesh, "decode", "forward", check_shape=False)
+            out = parts.view(self.mesh.tp_size, *x.shape).sum(dim=0)
+        else:
+            out = all_reduce_(x, self.mesh, "decode", "forward")
         self.last_step.comm_seconds += time.perf_counter() - start
         self.last_step.collectives += 1
         return out
