@@ -233,6 +233,8 @@ def test_serve_gpt_tiny_tp2_openai_api_then_a_rank_dies():
             "active_requests",
             "batch_size_count",
             "time_to_first_token_p99_seconds",
+            "decode_step_seconds_sum",
+            "decode_step_comm_seconds_sum",
         )
         for name in expected:
             assert f"shardwise_serve_{name}" in names, name

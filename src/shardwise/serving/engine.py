@@ -133,9 +133,10 @@ class Engine:
         tokens = [self.active[s].next_token for s in slots]
         full = any(self.active[s].req.temperature > 0 for s in slots)
         out = self.leader.step(slots, tokens, full)
-        comm = self.leader.last_step().comm_seconds / len(slots)  # the step's collective time, split per row
+        timed = self.leader.last_step()
+        comm = timed.comm_seconds / len(slots)  # the step's collective time, split among its rows
         self.max_batch_seen = max(self.max_batch_seen, len(slots))
-        self.metrics.step(len(slots))
+        self.metrics.step(len(slots), timed.seconds, timed.comm_seconds)
         for row, slot in enumerate(slots):
             self._advance(slot, out[row], full, comm_s=comm)
 

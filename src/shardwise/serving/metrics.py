@@ -56,6 +56,8 @@ class Metrics:
         self.queue_length = 0  # requests waiting for a slot
         self.active = 0  # requests in slots (the batch the next decode step runs)
         self.batch_size = Histogram(_BATCH_BUCKETS)  # rows per decode step
+        self.step_seconds = Histogram()  # wall time of one decode step (all its rows), rank 0
+        self.step_comm = Histogram(_COMM_BUCKETS)  # the part of it inside collectives: compute = step - comm
         self.started = time.monotonic()
         self._recent_tokens: list[float] = []  # monotonic stamps of the last minute's tokens
 
@@ -67,9 +69,11 @@ class Metrics:
         with self.lock:
             self.queue_length, self.active = waiting, active
 
-    def step(self, rows: int) -> None:
+    def step(self, rows: int, seconds: float = 0.0, comm_s: float = 0.0) -> None:
         with self.lock:
             self.batch_size.observe(rows)
+            self.step_seconds.observe(seconds)
+            self.step_comm.observe(comm_s)
 
     def token(self, latency: float | None, ttft: float | None, comm_s: float | None) -> None:
         """One token of a request: latency since its previous token (None for its first), time to first token
@@ -110,6 +114,8 @@ class Metrics:
                     "A decode step's collective time (rank 0) divided among its rows.",
                 ),
                 ("batch_size", self.batch_size, "Rows (requests) per decode step."),
+                ("decode_step_seconds", self.step_seconds, "Wall time of one decode step (rank 0)."),
+                ("decode_step_comm_seconds", self.step_comm, "Collective time in one decode step (rank 0)."),
             ):
                 lines += [f"# HELP {p}{name} {text}", f"# TYPE {p}{name} histogram"]
                 lines += [_label(line, self.labels) for line in hist.lines(p + name)]
@@ -123,6 +129,7 @@ class Metrics:
                 ("time_to_first_token_p99_seconds", self.ttft.quantile(0.99), "p99 time to first token."),
                 ("comm_seconds_per_token_p50", self.comm_per_token.quantile(0.5), "Median comm seconds per token."),
             ):
+                value = "NaN" if value != value else value  # Prometheus spells it NaN
                 lines += [f"# HELP {p}{name} {text}", f"# TYPE {p}{name} gauge", f"{p}{name}{{{self.labels}}} {value}"]
         return "\n".join(lines) + "\n"
 
