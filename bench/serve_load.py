@@ -77,6 +77,8 @@ def _phase(name: str, client, base: str, model: str, tokens: int, clients: int) 
             t.start()
         for t in threads:
             t.join(timeout=600)
+        if None in results:
+            raise RuntimeError(f"serve_load: {results.count(None)} of {clients} concurrent requests failed")
     else:
         for i in range(clients):
             results[i] = _request(client, model, PROMPTS[i % len(PROMPTS)], tokens)
@@ -176,6 +178,12 @@ def main() -> int:
                   f"{s['comm_ms_per_token']:.2f} | {s['mean_batch']:.2f} |")  # fmt: skip
         print(f"\nconcurrent / serial throughput: {ratio:.2f}x; greedy texts identical: {same}; JSON: {args.out}")
         return 0 if same else 1
+    except BaseException:
+        time.sleep(1)
+        while not lines.empty():
+            log.append(lines.get())
+        print("serve_load: the server's output:\n" + "".join(log[-60:]), file=sys.stderr)
+        raise
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGINT)
