@@ -97,6 +97,9 @@ def _model_parsers(sub) -> None:
                    help="prompt + completion tokens per request (longer requests get a 400)")  # fmt: skip
     s.add_argument("--max-batch", type=int, default=8, help="requests decoded together in one step")
     s.add_argument("--compile", action="store_true", help="torch.compile the decoder's per-layer steps")
+    s.add_argument("--engine", choices=("auto", "fast", "model"), default="auto",
+                   help="fast: the batched fast decoder (Llama family); model: the parallelized model's own forward, "
+                   "one request at a time (any plan); auto: fast when the model allows")  # fmt: skip
     s.add_argument("--timeout-s", type=float, default=120.0, help="collective timeout: a stalled rank stops the server")
 
 
@@ -274,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.max_batch < 1 or args.max_len < 2:
                 parser.error(f"--max-batch must be >= 1 and --max-len >= 2, got {args.max_batch}, {args.max_len}")
             cfg = {"host": args.host, "port": args.port, "max_len": args.max_len, "timeout_s": args.timeout_s,
-                   "max_batch": args.max_batch, "compile": args.compile}  # fmt: skip
+                   "max_batch": args.max_batch, "compile": args.compile, "engine": args.engine}  # fmt: skip
             return serve_main(spec, args.model, args.tp, cfg)
         if args.command == "verify":
             from .verify import VerifyConfig

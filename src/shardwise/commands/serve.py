@@ -44,8 +44,11 @@ def _max_context(model, default: int) -> int:
 
 def _load(spec, mesh, cfg: dict):
     """(decoder, tokenizer, max context, what the startup line says): the fast batched decoder when the model is of
-    the Llama family, else the general path (any model the plans shard; serial)."""
+    the Llama family (--engine auto|fast), else, or with --engine model, the general path (any model the plans
+    shard; serial)."""
     try:
+        if cfg["engine"] == "model":
+            raise TypeError("--engine model")
         decoder, tokenizer = load_fast_decoder(spec, mesh, max_batch=cfg["max_batch"], max_len=cfg["max_len"],
                                                compile=cfg["compile"])  # fmt: skip
         if cfg["compile"]:
@@ -56,6 +59,8 @@ def _load(spec, mesh, cfg: dict):
         how = f"fast decoder, batched: up to {cfg['max_batch']} requests per step{', compiled' * cfg['compile']}"
         return decoder, tokenizer, cfg["max_len"], how
     except TypeError as exc:
+        if cfg["engine"] == "fast":
+            raise TypeError(f"serve --engine fast: {exc}") from None
         model, tokenizer = load_model_sharded(spec, mesh)
         model.eval()
         why = str(exc).split(";")[0]
