@@ -26,7 +26,7 @@ pytest.importorskip("uvicorn")
 PROMPT = "Hello"
 
 
-def _dense_text(prompt: str, n: int) -> str:
+def _dense_ids(prompt: str, n: int) -> list[int]:
     """The reference: gpt-tiny's weights in the plain-torch RefGPT (tests/nn/reference.py: no shardwise layer, no
     KV cache), greedy by argmax over the whole sequence each step. shardwise's own dense decode
     (generation.generate at tp=1, with its KV cache) must agree: a second opinion, not the reference."""
@@ -44,7 +44,11 @@ def _dense_text(prompt: str, n: int) -> str:
             ids = torch.cat([ids, ref(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
     new = ids[0, -n:].tolist()
     assert generate(model, ids[:, :-n], n)[0, -n:].tolist() == new
-    return bytes(new).decode("utf-8", errors="replace")
+    return new
+
+
+def _dense_text(prompt: str, n: int) -> str:
+    return bytes(_dense_ids(prompt, n)).decode("utf-8", errors="replace")
 
 
 def _session_pids(sid: int) -> list[int]:
@@ -333,11 +337,12 @@ def test_a_failing_request_gets_an_error_and_the_next_is_served():
 
 def _run_engine(leader, requests: dict[str, int]) -> tuple[dict[str, str], object]:
     """Submit greedy requests {prompt: max_tokens} all at once (so the first iteration admits them together), serve
-    them in-process (one rank, no broadcasts) -> ({prompt: text}, engine)."""
+    them in-process (one rank, no broadcasts) -> ({prompt: its token ids, space-separated}, engine)."""
     from shardwise.serving.engine import Engine, GenerationRequest
     from shardwise.serving.metrics import Metrics
 
-    engine = Engine(leader, lambda ids: bytes(ids).decode("utf-8", errors="replace"), set(), Metrics("gpt-tiny", 1))
+    # the token ids as text, losslessly (gpt-tiny's bytes decode to many indistinguishable U+FFFD)
+    engine = Engine(leader, lambda ids: " ".join(map(str, ids)), set(), Metrics("gpt-tiny", 1))
     done: dict[str, str] = {}
     for p, n in requests.items():
         sink = lambda k, payload, p=p: done.__setitem__(p, payload["text"]) if k == "done" else None  # noqa: E731
@@ -361,7 +366,7 @@ def test_batched_rows_keep_their_own_sequences_and_the_general_path_serves():
     from shardwise.serving import GeneralDecoder, Leader
 
     requests = {"Hello": 9, "The quick": 5, "abc": 7}
-    solo = {p: _dense_text(p, n) for p, n in requests.items()}
+    solo = {p: " ".join(map(str, _dense_ids(p, n))) for p, n in requests.items()}
     model, _ = load_model_dense(ModelSpec("gpt-tiny"))
     fast = build_decoder(model, Mesh.single(), max_batch=4, max_len=64)
     texts, engine = _run_engine(Leader(fast), requests)
