@@ -181,7 +181,7 @@ class FastDecoder:
             keys, values = keys.index_select(1, self.kv_index), values.index_select(1, self.kv_index)
             out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys, values, is_causal=True)
             x = x + self._all_reduce(F.linear(out[0].transpose(0, 1).reshape(s, qh * d), lw["o"]))
-            x = x + self._all_reduce(self._mlp(x, lw["ln2"], lw["gate_up"], lw["down"]))
+            x = x + self._all_reduce(_mlp_part(x, lw["ln2"], lw["gate_up"], lw["down"], eps=c.norm_eps))
         self.lengths[slot] = s
         logits = self._logits(x[-1:])
         self.last_step.seconds = time.perf_counter() - start
