@@ -19,7 +19,7 @@ import shardwise
 from shardwise.commands.generate import _run, _run_fast, _split
 from shardwise.commands.registry import load_fast_decoder, load_model_sharded, resolve_spec, text_codec
 
-PROMPT = "The capital of France is"
+PROMPT = "Once upon a time, in a small village by the sea,"  # 64+ tokens before EOS
 
 
 def _rank(spec, tp: int, engine: str, compile_: bool, tokens: int) -> dict | None:
@@ -104,8 +104,10 @@ def main() -> None:
            "rounds": args.rounds, "cores": os.cpu_count(), "loadavg_per_round": load, "rows": rows}  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
-    print("\n| configuration | ms/token (median) | p90 | vs dense same path, 1 thread | vs dense 2 threads "
-          "| compute ms | comm ms | collectives/token | same tokens |")
+    print(
+        "\n| configuration | ms/token (median) | p90 | vs dense same path, 1 thread | vs dense 2 threads "
+        "| compute ms | comm ms | collectives/token | same tokens |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
     for row in rows:

@@ -68,6 +68,7 @@ def _run_fast(decoder, tokenizer, prompt: torch.Tensor, cfg: dict, stream: bool,
         return torch.multinomial(logits.softmax(dim=-1), 1, generator=gen).squeeze(-1)
 
     steps = []
+    eos = getattr(tokenizer, "eos_token_id", None)  # ends the text, as Hugging Face's generate does (kept in it)
     token = choose(decoder.prefill(0, prompt[0]))
     for i in range(cfg["max_new_tokens"]):
         if on_token is not None:
@@ -76,6 +77,8 @@ def _run_fast(decoder, tokenizer, prompt: torch.Tensor, cfg: dict, stream: bool,
         if stream:
             text, previous = decode(printed), decode(printed[:-1])
             print(text[len(previous) :], end="", flush=True)
+        if printed[-1] == eos:
+            break
         if i + 1 < cfg["max_new_tokens"]:
             token = choose(decoder.decode([0], token))
             steps.append(decoder.last_step)
