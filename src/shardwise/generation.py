@@ -14,6 +14,16 @@ from .nn.attention import KVCache
 from .nn.gpt import GPT
 
 
+def sample(logits: torch.Tensor, temperature: float, top_k: int | None, gen: torch.Generator) -> torch.Tensor:
+    """logits [b, vocab] -> token ids [b] drawn from softmax(logits / temperature), optionally among the top_k;
+    the same draws on every rank given identically seeded generators."""
+    logits = logits / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=gen).squeeze(-1)
+
+
 @torch.no_grad()
 def generate(
     model: GPT,
@@ -39,14 +49,7 @@ def generate(
     try:
         for _ in range(max_new_tokens):
             logits = model.full_logits(model(step_input, caches=caches))[:, -1].float()  # [b, vocab]
-            if temperature == 0.0:
-                next_ids = logits.argmax(dim=-1)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                next_ids = torch.multinomial(logits.softmax(dim=-1), 1, generator=gen).squeeze(-1)
+            next_ids = logits.argmax(dim=-1) if temperature == 0.0 else sample(logits, temperature, top_k, gen)
             ids = torch.cat([ids, next_ids[:, None]], dim=1)
             step_input = next_ids[:, None] if use_cache else ids
             if on_token is not None:

@@ -9,7 +9,7 @@ import torch
 
 import shardwise
 
-from ..generation import generate
+from ..generation import generate, sample
 from ..nn.gpt import GPT
 from .registry import load_fast_decoder, load_model_dense, load_model_sharded, text_codec
 
@@ -61,11 +61,7 @@ def _run_fast(decoder, tokenizer, prompt: torch.Tensor, cfg: dict, stream: bool,
     def choose(local: torch.Tensor) -> torch.Tensor:
         if cfg["temperature"] == 0.0:
             return decoder.greedy(local)
-        logits = decoder.full_logits(local).float() / cfg["temperature"]
-        if cfg["top_k"] is not None:
-            kth = logits.topk(min(cfg["top_k"], logits.shape[-1]), dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        return torch.multinomial(logits.softmax(dim=-1), 1, generator=gen).squeeze(-1)
+        return sample(decoder.full_logits(local).float(), cfg["temperature"], cfg["top_k"], gen)
 
     steps = []
     eos = getattr(tokenizer, "eos_token_id", None)  # ends the text, as Hugging Face's generate does (kept in it)
