@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from ..comm import all_gather, all_reduce_
 from ..mesh import Mesh
+from ..nn.attention import apply_rotary, rotary_tables
 from .weights import LocalWeights
 
 
@@ -47,10 +48,14 @@ class StepTime:
         return self.seconds - self.comm_seconds
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half rotary embedding. x: [n, heads, d]; cos, sin: [n, 1, d]."""
-    first, second = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-second, first], dim=-1) * sin
+def _qkv(x, ln1, qkv_w, cos, sin, *, eps: float, q_heads: int, kv_heads: int, head_dim: int):
+    """x: [n, h] -> q [n, q_heads, d], k, v [n, kv_heads, d] of this rank's heads, rotary applied (cos, sin:
+    [n, 1, d], each row's position)."""
+    n, d = x.shape[0], head_dim
+    qkv = F.linear(F.rms_norm(x, x.shape[-1:], ln1, eps), qkv_w)
+    q, k, v = qkv.split([q_heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    q = apply_rotary(q.view(n, q_heads, d), cos, sin)
+    return q, apply_rotary(k.view(n, kv_heads, d), cos, sin), v.view(n, kv_heads, d)
 
 
 def _attention_part(x, ln1, qkv_w, o_w, cos, sin, k_cache, v_cache, slots, positions, visible, kv_index, *, eps: float,
@@ -58,18 +63,14 @@ def _attention_part(x, ln1, qkv_w, o_w, cos, sin, k_cache, v_cache, slots, posit
     """One decode step's attention up to (not including) the all-reduce. x: [n, h] (one row per slot);
     k_cache, v_cache: [slots, kv_heads, max_len, d], written at (slots[i], positions[i]); visible: [n, 1, 1, window]
     bool; returns this rank's partial output [n, h]."""
-    n, d = x.shape[0], head_dim
-    qkv = F.linear(F.rms_norm(x, x.shape[-1:], ln1, eps), qkv_w)
-    q, k, v = qkv.split([q_heads * d, kv_heads * d, kv_heads * d], dim=-1)
-    q = _rope(q.view(n, q_heads, d), cos, sin)
-    k = _rope(k.view(n, kv_heads, d), cos, sin)
+    q, k, v = _qkv(x, ln1, qkv_w, cos, sin, eps=eps, q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim)
     k_cache[slots, :, positions] = k
-    v_cache[slots, :, positions] = v.view(n, kv_heads, d)
+    v_cache[slots, :, positions] = v
     keys, values = k_cache[slots, :, :window], v_cache[slots, :, :window]  # [n, kv, window, d]
     if not gqa:  # an uneven split cut a kv group: pick each q head's kv head
         keys, values = keys.index_select(1, kv_index), values.index_select(1, kv_index)
     out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=visible, enable_gqa=gqa)
-    return F.linear(out.reshape(n, q_heads * d), o_w)
+    return F.linear(out.reshape(x.shape[0], q_heads * head_dim), o_w)
 
 
 def _mlp_part(x, ln2, gate_up_w, down_w, *, eps: float):
@@ -100,15 +101,11 @@ class FastDecoder:
         self.v_cache = [torch.zeros(shape, dtype=dtype) for _ in range(c.num_layers)]
         self.lengths = [0] * max_batch  # tokens cached per slot
         d = c.head_dim
-        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
-        angles = torch.arange(max_len, dtype=torch.float32)[:, None] * inv_freq[None, :]
-        self.cos = torch.cat([angles.cos(), angles.cos()], dim=-1).to(dtype)  # [max_len, d]
-        self.sin = torch.cat([angles.sin(), angles.sin()], dim=-1).to(dtype)
+        cos, sin = rotary_tables(torch.arange(max_len), d, c.rope_theta)
+        self.cos, self.sin = cos.to(dtype), sin.to(dtype)  # [max_len, d]
         self.kv_index = torch.tensor(weights.kv_index, dtype=torch.int64)
-        repeat = weights.q_heads // weights.kv_heads
-        uniform = weights.q_heads % weights.kv_heads == 0 and weights.kv_index == [i // repeat for i in
-                                                                                   range(weights.q_heads)]  # fmt: skip
-        shapes = dict(eps=c.norm_eps, q_heads=weights.q_heads, kv_heads=weights.kv_heads, head_dim=d, gqa=uniform)
+        self._heads = dict(eps=c.norm_eps, q_heads=weights.q_heads, kv_heads=weights.kv_heads, head_dim=d)
+        shapes = dict(self._heads, gqa=weights.kv_repeat is not None)
         self._attn = lambda *a, window: _attention_part(*a, window=window, **shapes)  # noqa: E731
         self._mlp = lambda *a: _mlp_part(*a, eps=c.norm_eps)  # noqa: E731
         if compile:
@@ -167,20 +164,16 @@ class FastDecoder:
             raise ValueError(f"prompt of {s} tokens: needs 1 <= tokens < max_len={self.max_len}")
         self.last_step = StepTime()
         start = time.perf_counter()
-        d, qh, kvh = c.head_dim, w.q_heads, w.kv_heads
         x = w.embed[ids]  # [s, h]
         cos, sin = self.cos[:s, None], self.sin[:s, None]
         for i, lw in enumerate(w.layers):
-            qkv = F.linear(F.rms_norm(x, x.shape[-1:], lw["ln1"], c.norm_eps), lw["qkv"])
-            q, k, v = qkv.split([qh * d, kvh * d, kvh * d], dim=-1)
-            q, k = _rope(q.view(s, qh, d), cos, sin), _rope(k.view(s, kvh, d), cos, sin)
-            v = v.view(s, kvh, d)
+            q, k, v = _qkv(x, lw["ln1"], lw["qkv"], cos, sin, **self._heads)
             self.k_cache[i][slot, :, :s] = k.transpose(0, 1)
             self.v_cache[i][slot, :, :s] = v.transpose(0, 1)
             keys, values = k.transpose(0, 1)[None], v.transpose(0, 1)[None]  # [1, kv, s, d]
             keys, values = keys.index_select(1, self.kv_index), values.index_select(1, self.kv_index)
             out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys, values, is_causal=True)
-            x = x + self._all_reduce(F.linear(out[0].transpose(0, 1).reshape(s, qh * d), lw["o"]))
+            x = x + self._all_reduce(F.linear(out[0].transpose(0, 1).reshape(s, -1), lw["o"]))
             x = x + self._all_reduce(_mlp_part(x, lw["ln2"], lw["gate_up"], lw["down"], eps=c.norm_eps))
         self.lengths[slot] = s
         logits = self._logits(x[-1:])

@@ -116,6 +116,7 @@ class LocalWeights:
     q_heads: int
     kv_heads: int
     kv_index: list[int]  # for each local q head, the local kv head it reads
+    kv_repeat: int | None  # r when local q head i reads local kv head i // r, None when the split cut a kv group
     vocab_start: int
     vocab_local: int  # real (unpadded) rows of lm_head on this rank
     embed: torch.Tensor
@@ -151,5 +152,5 @@ def shard_weights(dense: DenseWeights, tp: int, rank: int, dtype: torch.dtype | 
     else:
         head = torch.zeros(rows, c.hidden, dtype=embed.dtype)
         head[:local] = dense.lm_head.detach()[start : start + local]
-    return LocalWeights(c, tp, rank, lay.q_heads, lay.kv_heads, lay.kv_index, start, local, embed, head,
-                        cast(dense.norm), layers)  # fmt: skip
+    return LocalWeights(c, tp, rank, lay.q_heads, lay.kv_heads, lay.kv_index, lay.uniform_repeat, start, local, embed,
+                        head, cast(dense.norm), layers)  # fmt: skip

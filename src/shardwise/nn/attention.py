@@ -22,15 +22,24 @@ from ..mesh import Mesh, resolve
 from ..sharding import set_shard_info
 
 
-def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary position embedding, rotate-half layout. x: [s, b, heads, d], positions: [s]."""
-    d = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
+def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions: [s] -> (cos, sin): [s, head_dim] fp32, each angle twice (the rotate-half layout)."""
+    d = head_dim
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, device=positions.device, dtype=torch.float32) / d))
     angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # [s, d/2]
-    cos = torch.cat([angles.cos(), angles.cos()], dim=-1)[:, None, None, :].to(x.dtype)
-    sin = torch.cat([angles.sin(), angles.sin()], dim=-1)[:, None, None, :].to(x.dtype)
+    return torch.cat([angles.cos(), angles.cos()], dim=-1), torch.cat([angles.sin(), angles.sin()], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary embedding of x [..., d] with cos, sin broadcastable to it (x's dtype)."""
     first, second = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-second, first], dim=-1) * sin
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary position embedding, rotate-half layout. x: [s, b, heads, d], positions: [s]."""
+    cos, sin = rotary_tables(positions, x.shape[-1], theta)
+    return apply_rotary(x, cos[:, None, None, :].to(x.dtype), sin[:, None, None, :].to(x.dtype))
 
 
 class KVCache:
