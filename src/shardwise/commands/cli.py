@@ -75,11 +75,7 @@ def _model_parsers(sub) -> None:
     g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (the same on every rank)")
     g.add_argument("--check", action="store_true", help="also generate with the dense model and compare")
-    g.add_argument("--engine", choices=("auto", "fast", "model"), default="auto",
-                   help="fast: shardwise's decoder for Llama-family models (fused shards, 2 all-reduces per "
-                   "layer); model: the parallelized model's own forward (any plan); auto: fast when it "
-                   "applies")  # fmt: skip
-    g.add_argument("--compile", action="store_true", help="torch.compile the fast decoder's per-layer compute")
+    _decoder_options(g)
     g.add_argument("--threads", type=int, default=None, help="intra-op threads per rank (default: OMP_NUM_THREADS|1)")
     g.add_argument("--max-len", type=int, default=512, help="KV cache length of the fast decoder (prompt + new tokens)")
 
@@ -96,11 +92,17 @@ def _model_parsers(sub) -> None:
     s.add_argument("--max-len", "--max-context", dest="max_len", type=int, default=1024,
                    help="prompt + completion tokens per request (longer requests get a 400)")  # fmt: skip
     s.add_argument("--max-batch", type=int, default=8, help="requests decoded together in one step")
-    s.add_argument("--compile", action="store_true", help="torch.compile the decoder's per-layer steps")
-    s.add_argument("--engine", choices=("auto", "fast", "model"), default="auto",
-                   help="fast: the batched fast decoder (Llama family); model: the parallelized model's own forward, "
-                   "one request at a time (any plan); auto: fast when the model allows")  # fmt: skip
+    _decoder_options(s)
     s.add_argument("--timeout-s", type=float, default=120.0, help="collective timeout: a stalled rank stops the server")
+
+
+def _decoder_options(parser) -> None:
+    """--engine and --compile: which decoder generate and serve run the model with."""
+    parser.add_argument("--engine", choices=("auto", "fast", "model"), default="auto",
+                        help="fast: shardwise's decoder for Llama-family models (fused shards, 2 all-reduces per "
+                        "layer; serve batches requests on it); model: the parallelized model's own forward (any "
+                        "plan; serve: one request at a time); auto: fast when it applies")  # fmt: skip
+    parser.add_argument("--compile", action="store_true", help="torch.compile the fast decoder's per-layer compute")
 
 
 def _model_and_tp(parser) -> None:
