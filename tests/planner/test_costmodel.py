@@ -25,6 +25,7 @@ from shardwise.planner.calibration import fit
 from shardwise.planner.hardware import GroupSpan, tile_efficiency
 from shardwise.planner.layouts import recommend
 from shardwise.planner.topology import span
+from shardwise.planner.workload import edge_ops
 
 # b=2, s=64, h=128, 4 heads, no biases, MHA, RMSNorm: a layer's TP collectives are exactly Megatron's four
 CFG = ModelConfig(hidden=128, ffn=512, heads=4, kv_heads=4, layers=2, vocab=256, seq=64, micro_batch=2,
@@ -79,8 +80,26 @@ def test_sequence_parallel_replaces_them_by_all_gather_and_reduce_scatter():
     hw4 = _hw(intra=Link(lat, bw), per_node=4)
     p = predict(CFG, hw4, 4, sequence_parallel=True)
     gather = 3 * lat + 0.75 * BSH / bw  # 4 ranks: 3 steps, 3/4 of the tensor
-    norm_grads = 2 * (6 * lat + 1.5 * 128 * 4 / bw)  # two RMSNorm weight grads all-reduced over tp (SP)
-    assert p.comm_s == pytest.approx(8 * gather + norm_grads, rel=1e-12)
+    # each forward all-gather / reduce-scatter is preceded by the shape agreement: an all-gather of one
+    # [1 + 8] int64 row per rank (4 ranks: 288 bytes); the norm grads are summed once per backward, in the edges
+    check = 3 * lat + 0.75 * (9 * 8 * 4) / bw
+    assert p.comm_s == pytest.approx(8 * gather + 4 * check, rel=1e-12)
+
+
+def test_sequence_parallel_shape_checks_and_one_coalesced_grad_sync(monkeypatch):
+    lat, bw = 1e-5, 10e9
+    hw4 = _hw(intra=Link(lat, bw), per_node=4)
+    edge = [op for op in edge_ops(CFG, 4, True) if op.kind == "coll"]
+    # embedding: checked reduce-scatter fwd, all-gather bwd; head: checked all-gather fwd, reduce-scatter bwd;
+    # the loss's two all-reduces; ONE all-reduce of every replicated grad (per layer 2 RMSNorm weights, no biases
+    # in CFG; the final norm): comm/grad_sync.py's sp_grad_sync
+    grad_sync = [op for op in edge if op.op == "all_reduce" and op.phase == "bwd"]
+    assert len(grad_sync) == 1 and grad_sync[0].nbytes == (CFG.layers * 2 + 1) * CFG.hidden * CFG.dtype_bytes
+    assert sum(op.nbytes == 9 * 8 * 4 for op in edge) == 2
+    with_checks = predict(CFG, hw4, 4, sequence_parallel=True).comm_s
+    monkeypatch.setenv("SHARDWISE_CHECK_SHAPES", "0")  # as the layers: no agreement, no tiny all-gathers
+    assert with_checks - predict(CFG, hw4, 4, sequence_parallel=True).comm_s == pytest.approx(
+        4 * (3 * lat + 0.75 * 288 / bw), rel=1e-9)
 
 
 def test_placement_decides_the_link_tp_crosses():

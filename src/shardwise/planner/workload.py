@@ -10,6 +10,7 @@ tensor's bytes (as calibrations and the ring formulas use) and the phase they ru
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, fields
 
 from ..heads import head_layout
@@ -152,6 +153,7 @@ class Op:
 # layers minus GPT with 1, less rotary's own ops (the "rotary" kernel times the whole function); edges
 # (embedding, final norm, head, vocab-parallel cross-entropy): 2 x GPT(1 layer) - GPT(2 layers). SwiGLU and
 # RMSNorm add only ops their kernels cover. tp > 2: the tp=2 counts (the same wrappers). (fwd ops, bwd ops, nodes)
+SHAPE_ROW_BYTES = 9 * 8  # comm.checks: one [1 + 8] int64 row per rank
 BLOCK_GLUE = {1: (15, 76, 28), 2: (21, 88, 34)}
 EDGE_GLUE = {1: (212, 48, 7), 2: (269, 74, 13)}
 
@@ -182,11 +184,27 @@ def local_sizes(cfg: ModelConfig, tp: int, sequence_parallel: bool) -> Local:
 def _norm(cfg: ModelConfig, part: str, t: int, sp: bool, tp: int) -> list[Op]:
     e, h = cfg.dtype_bytes, cfg.hidden
     # fwd: read x, write y (stats are [t]); bwd: read dy and x, write dx, reduce dy * xhat into dw (and db)
-    ops = [Op(part, "ew", fwd_bytes=2 * t * h * e, bwd_bytes=4 * t * h * e, fwd_ops=1, bwd_ops=3,
-              ew_kind="rms_norm" if cfg.rmsnorm else "layer_norm", elems=t * h)]  # fmt: skip
-    if sp and tp > 1:  # copy_params_to_tp: the replicated weight (+ bias) grads summed over tp, one all-reduce
-        ops.append(Op(part, "coll", op="all_reduce", nbytes=(1 if cfg.rmsnorm else 2) * h * e, phase="bwd"))
-    return ops
+    # under SP the replicated weight (+ bias) grads are summed by the coalesced sp_grad_sync (edge_ops)
+    return [Op(part, "ew", fwd_bytes=2 * t * h * e, bwd_bytes=4 * t * h * e, fwd_ops=1, bwd_ops=3,
+               ew_kind="rms_norm" if cfg.rmsnorm else "layer_norm", elems=t * h)]  # fmt: skip
+
+
+def shape_checks_on() -> bool:
+    """Whether SP's forward all-gathers / reduce-scatters are preceded by comm.checks' shape agreement (one
+    tiny all-gather each), as the layers run it: on unless SHARDWISE_CHECK_SHAPES=0."""
+    return os.environ.get("SHARDWISE_CHECK_SHAPES") != "0"
+
+
+def _shape_check(part: str, tp: int) -> list[Op]:
+    """checks.check_same_shape: an all-gather of one [1 + 8] int64 row per rank before a checked collective."""
+    return [Op(part, "coll", op="all_gather", nbytes=SHAPE_ROW_BYTES * tp, phase="fwd")] if shape_checks_on() else []
+
+
+def replicated_grad_bytes(cfg: ModelConfig) -> float:
+    """Bytes of the parameters whole on every tp rank whose grads SP sums over tp (comm/grad_sync.py): each
+    layer's two norms and two row-layer biases, the final norm."""
+    norm = (1 if cfg.rmsnorm else 2) * cfg.hidden
+    return (cfg.layers * (2 * norm + (2 * cfg.hidden if cfg.bias else 0)) + norm) * cfg.dtype_bytes
 
 
 def _entry(part: str, nbytes: float, sp: bool, tp: int) -> list[Op]:
@@ -194,8 +212,9 @@ def _entry(part: str, nbytes: float, sp: bool, tp: int) -> list[Op]:
     if tp == 1:
         return []
     if sp:
-        return [Op(part, "coll", op="all_gather", nbytes=nbytes, phase="fwd"),
-                Op(part, "coll", op="reduce_scatter", nbytes=nbytes, phase="bwd", hideable=True)]  # fmt: skip
+        return _shape_check(part, tp) + [Op(part, "coll", op="all_gather", nbytes=nbytes, phase="fwd"),
+                                         Op(part, "coll", op="reduce_scatter", nbytes=nbytes, phase="bwd",
+                                            hideable=True)]  # fmt: skip
     return [Op(part, "coll", op="all_reduce", nbytes=nbytes, phase="bwd", hideable=True)]
 
 
@@ -206,14 +225,13 @@ def _exit(cfg: ModelConfig, part: str, L: Local, sp: bool, tp: int) -> list[Op]:
     nbytes = L.tokens * h * e
     if tp == 1:
         return []
-    ops = [Op(part, "coll", op="reduce_scatter" if sp else "all_reduce", nbytes=nbytes, phase="fwd")]
+    ops = _shape_check(part, tp) if sp else []
+    ops.append(Op(part, "coll", op="reduce_scatter" if sp else "all_reduce", nbytes=nbytes, phase="fwd"))
     if sp:
         ops.append(Op(part, "coll", op="all_gather", nbytes=nbytes, phase="bwd"))
-    if cfg.bias:  # y + bias: read 2 write 1; bwd: bias grad = sum of dy over tokens
+    if cfg.bias:  # y + bias: read 2 write 1; bwd: bias grad = sum of dy over tokens (under SP: sp_grad_sync)
         ops.append(Op(part, "ew", fwd_bytes=3 * t * h * e, bwd_bytes=t * h * e, fwd_ops=1, bwd_ops=1, ew_kind="add",
                       elems=t * h, bwd_kind="-"))  # fmt: skip
-        if sp:
-            ops.append(Op(part, "coll", op="all_reduce", nbytes=h * e, phase="bwd"))
     return ops
 
 
@@ -291,9 +309,12 @@ def edge_ops(cfg: ModelConfig, tp: int, sequence_parallel: bool = False) -> list
               fwd_ops=8 + units // 2, bwd_ops=4)]  # fmt: skip
     if tp > 1:
         op = "reduce_scatter" if sp else "all_reduce"
+        ops += _shape_check("embed", tp) if sp else []
         ops.append(Op("embed", "coll", op=op, nbytes=T * (h + 1) * e, phase="fwd"))
         if sp:
             ops.append(Op("embed", "coll", op="all_gather", nbytes=T * (h + 1) * e, phase="bwd"))
+            # the replicated params' grads, one coalesced all-reduce per backward (comm/grad_sync.py)
+            ops.append(Op("embed", "coll", op="all_reduce", nbytes=replicated_grad_bytes(cfg), phase="bwd"))
     ops += _residual(cfg, "embed", t)[:-1]  # embedding dropout only
     ops += _norm(cfg, "head", t, sp, tp) + _entry("head", T * h * e, sp, tp)
     ops.append(Op("head", "gemm", m=T, k=h, n=V, hides=True))
@@ -343,4 +364,5 @@ def param_tensors_per_rank(cfg: ModelConfig) -> int:
 
 __all__ = ["PRESETS", "Local", "ModelConfig", "Op", "activation_bytes_per_layer", "block_config", "edge_ops",
            "gpt_config", "heads_feasible", "layer_flops", "layer_ops", "local_sizes", "param_tensors_per_rank",
-           "params_per_layer", "params_per_rank", "tensors_per_layer"]  # fmt: skip
+           "params_per_layer", "params_per_rank", "replicated_grad_bytes", "shape_checks_on",
+           "tensors_per_layer"]  # fmt: skip
