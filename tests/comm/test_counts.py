@@ -7,7 +7,7 @@ from shardwise import comm
 from shardwise.nn import ParallelTransformerBlock
 
 
-def _record(mesh, sp, s=8, b=2, h=32):
+def _record(mesh, sp, s=8, b=2, h=32, forward_only=False):
     events = []
     torch.manual_seed(0)
     block = ParallelTransformerBlock(h, 4, sequence_parallel=sp, mesh=mesh)
@@ -19,6 +19,8 @@ def _record(mesh, sp, s=8, b=2, h=32):
         y.sum().backward()
     finally:
         comm.remove_observer(events.append)
+    if forward_only:
+        return None, None, forward
     backward = events[len(forward) :]
     summary = lambda evs: sorted((e.op, e.numel, e.nbytes) for e in evs if isinstance(e, comm.CollectiveEvent))
     return summary(forward), summary(backward), backward
@@ -32,7 +34,11 @@ def count_checks():
     assert fwd == [("all_reduce", act, act * 4)] * 2, fwd
     assert bwd == [("all_reduce", act, act * 4)] * 2, bwd
     fwd, bwd, raw = _record(mesh, sp=True)
-    assert fwd == sorted([("all_gather", act, act * 4)] * 2 + [("reduce_scatter", act, act * 4)] * 2), fwd
+    # each forward all-gather / reduce-scatter is preceded by the ranks' shape agreement: an all-gather of one
+    # [1 + 8] int64 row per rank, reported as that layer's communication (tag "<layer>:shape_check")
+    check = ("all_gather", 9 * 2, 9 * 2 * 8)
+    assert fwd == sorted([("all_gather", act, act * 4)] * 2 + [("reduce_scatter", act, act * 4)] * 2 + [check] * 4), fwd
+    assert bwd.count(check) == 0, bwd  # backward's collectives were checked in forward
     big = [e for e in bwd if e[1] == act]
     small = [e for e in bwd if e[1] != act]
     assert big == sorted([("all_gather", act, act * 4)] * 2 + [("reduce_scatter", act, act * 4)] * 2), bwd
@@ -40,6 +46,9 @@ def count_checks():
     # summed by ONE coalesced all-reduce, async, tagged sp_grad_sync
     assert small == [("all_reduce", 6 * h, 24 * h)], small
     (sync,) = [e for e in raw if isinstance(e, comm.CollectiveEvent) and e.numel != act]
+    _, _, fwd_raw = _record(mesh, sp=True, forward_only=True)
+    checks = [e for e in fwd_raw if isinstance(e, comm.CollectiveEvent) and e.numel == 18]
+    assert len(checks) == 4 and all(e.tag.endswith(":shape_check") and e.seconds > 0 for e in checks), checks
     assert (sync.tag, sync.phase, sync.async_op) == ("sp_grad_sync", "bwd", True), sync
     # two blocks, one step: still one sync for both (not one per block or per parameter)
     events = []

@@ -7,7 +7,7 @@ parameters' grads summed by one coalesced async all-reduce per backward. `checks
 collective (same shapes; in debug mode the same op, tag and order), so mismatches raise on every rank.
 """
 
-from .checks import before, check_same_shape, debugging
+from .checks import check_same_shape, debugging
 from .collectives import *  # noqa: F403
 from .collectives import __all__ as _collectives_all
 from .events import *  # noqa: F403
@@ -15,4 +15,4 @@ from .events import __all__ as _events_all
 from .grad_sync import *  # noqa: F403
 from .grad_sync import __all__ as _grad_sync_all
 
-__all__ = ["before", "check_same_shape", "debugging", *_collectives_all, *_events_all, *_grad_sync_all]
+__all__ = ["check_same_shape", "debugging", *_collectives_all, *_events_all, *_grad_sync_all]

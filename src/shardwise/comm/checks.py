@@ -26,9 +26,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["before", "check_same_shape", "debugging"]
+__all__ = ["SHAPE_ROW_NUMEL", "before", "check_same_shape", "debugging"]
 
 _MAX_DIMS = 8  # shapes are exchanged as fixed-size int64 rows: [ndim, d0, ..., d7]
+SHAPE_ROW_NUMEL = 1 + _MAX_DIMS
 _sequence: dict[int, int] = {}  # id(group) -> collectives issued on it so far (debug mode)
 
 
@@ -48,17 +49,22 @@ def before(
     check_shape: bool,
     debug: bool,
     shape: tuple[int, ...] | None = None,
-) -> None:
+) -> str | None:
     """What the ranks of `group` agree on before `op` is issued (events.run_collective calls this; a primitive
     that must fail before issuing calls it too, so its peers, which went on to issue, fail with it). `shape`:
-    what must agree when not all of source's shape must (a row layer's input: its feature dim is a shard)."""
+    what must agree when not all of source's shape must (a row layer's input: its feature dim is a shard).
+    Returns what it exchanged: "shape_check" (one all-gather of SHAPE_ROW_NUMEL int64 per rank), "debug_check"
+    (all_gather_object of a fingerprint) or None (nothing: no collective issued)."""
     if group_size == 1 or group is None:
-        return
+        return None
     shape = tuple(source.shape) if shape is None else tuple(shape)
     if debugging(debug):
         agree(op, shape, source.dtype, group, group_size, tag, phase)
-    elif check_shape and os.environ.get("SHARDWISE_CHECK_SHAPES") != "0":
+        return "debug_check"
+    if check_shape and os.environ.get("SHARDWISE_CHECK_SHAPES") != "0":
         check_same_shape(shape, group, group_size, f"{op} {tag!r} ({phase})")
+        return "shape_check"
+    return None
 
 
 def check_same_shape(shape: tuple[int, ...], group, group_size: int, what: str) -> None:
@@ -68,12 +74,12 @@ def check_same_shape(shape: tuple[int, ...], group, group_size: int, what: str) 
         return
     if len(shape) > _MAX_DIMS:
         raise ValueError(f"{what}: tensors of more than {_MAX_DIMS} dims are not supported, got {len(shape)}")
-    row = torch.zeros(1 + _MAX_DIMS, dtype=torch.int64)
+    row = torch.zeros(SHAPE_ROW_NUMEL, dtype=torch.int64)
     row[0] = len(shape)
     row[1 : 1 + len(shape)] = torch.tensor(shape, dtype=torch.int64)
     # NCCL moves only device tensors (one tiny copy and a sync per check); gloo takes the CPU row as it is.
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else row.device
-    rows = torch.empty(group_size * (1 + _MAX_DIMS), dtype=torch.int64, device=device)
+    rows = torch.empty(group_size * SHAPE_ROW_NUMEL, dtype=torch.int64, device=device)
     dist.all_gather_single(rows, row.to(device), group=group)
     shapes = [tuple(r[1 : 1 + r[0]]) for r in rows.view(group_size, -1).tolist()]
     if len(set(shapes)) == 1:

@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 
 from ..mesh import Mesh
-from . import checks, traceable
-from .events import run_collective
+from . import traceable
+from .events import before, run_collective
 
 __all__ = ["all_gather", "all_reduce_", "copy_params_to_tp", "copy_to_tp", "gather_from_sp", "gather_from_tp",
            "reduce_from_tp", "reduce_scatter", "reduce_scatter_to_sp", "scatter_to_sp", "scatter_to_tp",
@@ -90,8 +90,7 @@ def reduce_scatter(x: torch.Tensor, mesh: Mesh, tag: str, phase: str, *, out: to
         # (with the shapes of both); if every rank has this count, every rank raises below. (Compiled: the
         # shapes are the same on every rank's trace, so the error below is raised everywhere.)
         if not traceable.compiling():
-            checks.before("reduce_scatter", x, mesh.tp_group, mesh.tp_size, tag, phase, check_shape=True,
-                          debug=mesh.debug)  # fmt: skip
+            before("reduce_scatter", x, mesh.tp_group, mesh.tp_size, tag, phase, check_shape=True, debug=mesh.debug)
         raise ValueError(
             f"sequence parallelism splits dim 0 ({x.shape[0]} tokens) across tp={mesh.tp_size} ranks; "
             f"use a sequence length that is a multiple of {mesh.tp_size}"
