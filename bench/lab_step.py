@@ -250,15 +250,24 @@ def main(argv=None) -> int:
                         "sequence_parallel": args.sequence_parallel})  # fmt: skip
     if not dist.is_initialized():
         dist.init_process_group("gloo", timeout=__import__("datetime").timedelta(seconds=300))
-    if args.calibrate:
-        calibrate(args.calibrate, args.calibration_mode)
-    results = [run_layout(args, layout) for layout in layouts]
-    if dist.get_rank() == 0:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        if args.calibrate:
+            calibrate(args.calibrate, args.calibration_mode)
+        results = [run_layout(args, layout) for layout in layouts]
+    finally:
+        # tear every gloo group down before exit, all ranks together: a worker exiting with gloo groups alive
+        # (the calibration builds a dozen) aborts intermittently in their threads at interpreter exit
+        # ("terminate called without an active exception", SIGABRT after the work was done: it failed lab jobs)
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+    if rank == 0:
         record = {
             "config": {k: getattr(args, k) for k in ("hidden", "layers", "heads", "vocab", "seq", "global_batch",
                                                       "micro_batch", "bucket_mb", "steps", "warmup", "profile_steps")},
-            "world": dist.get_world_size(), "nodes": int(os.environ.get("SHARDWISE_LAB_NODES", "1")),
-            "procs_per_node": int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())),
+            "world": world, "nodes": int(os.environ.get("SHARDWISE_LAB_NODES", "1")),
+            "procs_per_node": int(os.environ.get("LOCAL_WORLD_SIZE", world)),
             "link_rate": os.environ.get("SHARDWISE_LAB_RATE"), "host": platform.node(),
             "threads_per_rank": torch.get_num_threads(), "layouts": results,
         }  # fmt: skip

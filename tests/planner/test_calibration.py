@@ -261,3 +261,20 @@ def test_quick_mode_chain_counts_are_what_the_profiler_counts():
     from shardwise.planner.calibration_kernels import QUICK_CHAIN_COUNTS, chain_counts
 
     assert chain_counts() == QUICK_CHAIN_COUNTS  # a torch upgrade that changes the dispatch: update the constant
+
+
+def test_collective_points_are_the_mean_call_so_a_tail_counts():
+    """A step pays the sum of its collectives, so a size's point is the MEAN over calls of the slowest rank's
+    time (and the part after the last arrival, its mean too): with one call in ten 10x slower, as gloo's tail
+    here, a median would say 1 ms where 20 calls cost 1.9 ms each on average."""
+    from statistics import mean
+
+    from shardwise.planner.calibration_measure import summarize
+
+    calls = [1e-3] * 9 + [1e-2]  # per call, rank 0: 1 ms, one 10 ms outlier
+    # rank 0 arrives at t, rank 1 arrives 0.2 ms later; both leave at t + call
+    r0 = [[(10.0 * i, 10.0 * i + c) for i, c in enumerate(calls * 2)]]
+    r1 = [[(10.0 * i + 2e-4, 10.0 * i + c) for i, c in enumerate(calls * 2)]]
+    out = summarize([r0, r1], [(0, 1)], [4096])
+    assert out["points"][0][1] == pytest.approx(mean(calls), rel=1e-9)  # slowest rank: rank 0's whole call
+    assert out["after_last_arrival"][0][1] == pytest.approx(mean(calls) - 2e-4, rel=1e-9)
