@@ -153,7 +153,7 @@ def _reps(nbytes: int, quick: bool) -> int:
     """Calls per message size: enough small ones for the mean to see the tail (measure.summarize)."""
     if quick:
         return 12 if nbytes < 2**18 else 3
-    return 48 if nbytes < 2**20 else 8 if nbytes < 2**24 else 3
+    return 48 if nbytes < 2**20 else 5 if nbytes < 2**24 else 3
 
 
 def _join_world() -> None:
