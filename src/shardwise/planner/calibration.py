@@ -228,7 +228,9 @@ def calibrate_here(mesh=None, quick: bool = False, max_bytes: int = 64 * 2**20, 
                 s = measure.summarize(per_rank, plan.groups, rounded)
                 # the transfer alone (last rank's arrival to first exit): for a model adding rank_skew's wait itself
                 transfer = fit([(n, max(t, 1e-7)) for n, t in s["after_last_arrival"]])
-                entry = fit(s["points"]) | s | {
+                entry = fit(s["points"]) | s
+                entry = entry | {
+                    "ratios": size_ratios(entry),
                     "transfer_fit": {k: transfer[k] for k in ("alpha_s", "beta_s_per_byte")},
                     "concurrent_groups": len(plan.groups), "ranks_per_node": plan.ranks_per_node,
                     "groups": [list(grp) for grp in plan.groups],
@@ -245,6 +247,8 @@ def calibrate_here(mesh=None, quick: bool = False, max_bytes: int = 64 * 2**20, 
     kern = [None] * world
     dist.barrier()
     dist.all_gather_object(kern, kernels.measure_all(quick))  # attention core, element-wise kinds, per-op costs
+    penalty = [None] * world
+    dist.all_gather_object(penalty, measure.post_collective_penalty(quick))
     skews = []
     for shape in SKEW_SHAPES[quick]:  # a short and a long compute segment: is the wait a constant or a share?
         skews.append([None] * world)
@@ -277,9 +281,16 @@ def calibrate_here(mesh=None, quick: bool = False, max_bytes: int = 64 * 2**20, 
         "op_overhead_s": statistics.median(o[0] for o in over),
         "autograd_node_s": statistics.median(o[1] for o in over),
         "rank_skew": _skew_line(skew_points),
+        "post_collective_s": statistics.median(penalty),
         **kernels.merge(kern),
         "elapsed_s": {"collectives": t_comm - began, "total": time.perf_counter() - began},
     }  # fmt: skip
+
+
+def size_ratios(entry: dict) -> list[list[float]]:
+    """[[bytes, measured / (alpha + beta * bytes)]] per measured size of a collective's entry: what the fitted
+    line misses at each size (hardware.fit_time multiplies the line by it, interpolated)."""
+    return [[n, t / (entry["alpha_s"] + entry["beta_s_per_byte"] * n)] for n, t in entry["points"]]
 
 
 def _skew_line(points: list[list[float]]) -> dict:

@@ -32,7 +32,7 @@ def _issue(op: str, src: torch.Tensor, g: int, group) -> None:
         dist.reduce_scatter_single(torch.empty(src.numel() // g), src, group=group)
 
 
-COMPUTE_GAP_S = 1e-3  # compute before each timed collective: about what a small model's layer runs between two
+COMPUTE_GAP_S = 0.0  # compute before each timed collective (seconds): see sweep() for why 0 by default
 
 
 def compute_for(seconds: float, x: torch.Tensor, w: torch.Tensor) -> None:
@@ -47,14 +47,14 @@ def sweep(op: str, sizes: list[int], reps: list[int], g: int, group,
     """This rank's (start, end) of every timed call, per size. sizes: full-tensor bytes (fp32, rounded to a
     multiple of 4*g by the caller). All ranks of the world call this at once, each with its own group.
 
-    Timed as a training step issues them: each call comes after `gap_s` of compute (a GEMM loop, as a layer's
-    matmuls between two collectives), and the sizes are interleaved round-robin (rep 1 of every size, then rep 2,
-    ...), not one size's calls back to back. Why, measured in the fabric lab (2 nodes, 64 KiB all-reduce, mean
-    of the slowest rank over 120 calls): unshaped 1.73 ms back to back vs 2.08 after 1 ms of compute, the step's
-    own 1.5-1.9; at 100mbit 5.57 back to back vs 4.73 (a token bucket refills during compute, as in a step), the
-    step's 4.4. And gloo's slow calls come in bursts (a scheduler hiccup stalls several calls in a row): one size's
-    calls back to back caught 0 or 5 of them (means 0.44 vs 2.26 ms for 8 vs 16 bytes); interleaved, every size
-    sees the same share."""
+    The sizes are interleaved round-robin (rep 1 of every size, then rep 2, ...), not one size's calls back to
+    back: gloo's slow calls come in bursts (a scheduler hiccup stalls several calls in a row), and one size's
+    calls in a row caught 0 or 5 of them (means 0.44 vs 2.26 ms for 8 vs 16 bytes); interleaved, every size
+    sees the same share. `gap_s` of compute (a GEMM loop) before each call was tried as "how a step issues
+    them": in the fabric lab it matched 2 ranks (64 KiB all-reduce, slowest rank's mean: unshaped 2.08 ms vs
+    the step's 1.5-1.9; 100mbit 4.7 vs 4.4, where back to back says 5.6: a token bucket refills during compute)
+    but with 4 ranks on 2 cores it inflated every collective 35-60% over the steps' (busy-looping ranks starve
+    gloo's threads), and the lab's step predictions were worse overall (19 of 40 within 15% vs 24), so 0."""
     x, w = torch.randn(64, 256), torch.randn(256, 256)
     tensors = []
     for nbytes in sizes:
@@ -193,6 +193,34 @@ def op_overheads(quick: bool) -> tuple[float, float]:
             y.backward()
         samples.append((time.perf_counter() - t0) / (n // chain * chain))
     return op_s, min(samples)
+
+
+def post_collective_penalty(quick: bool) -> float:
+    """Extra seconds a compute segment takes right after a blocking collective over the world, compared with the
+    same segment right after another segment (alternating, so drift cancels), this rank, all ranks at once.
+    Measured here: a 2.1 ms GEMM + GELU segment takes 2.4-2.5 ms after a 64 KiB all-reduce (loopback and the
+    lab's veth alike): caches cold and the thread woken, maybe on the other core. A step pays it per collective,
+    as compute: the model adds it there (Hardware.post_collective_s)."""
+    xs = [torch.randn(64, 256) for _ in range(4)]
+    ws = [torch.randn(1024, 256) for _ in range(4)]
+    flag = torch.ones(16384)
+
+    def segment() -> float:
+        t0 = time.perf_counter()
+        for x, w in zip(xs, ws, strict=True):
+            F.gelu(F.linear(x, w))
+        return time.perf_counter() - t0
+
+    after_coll, after_compute = [], []
+    dist.barrier()
+    for i in range((40 if quick else 200) + 4):
+        dist.all_reduce(flag.mul(1.0))
+        a = segment()
+        b = segment()
+        if i >= 4:
+            after_coll.append(a)
+            after_compute.append(b)
+    return max(statistics.mean(after_coll) - statistics.mean(after_compute), 0.0)
 
 
 def rank_skew(quick: bool, shape: tuple[int, int, int]) -> list[tuple[float, float, float]]:

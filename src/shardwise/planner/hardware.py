@@ -90,6 +90,7 @@ class Hardware:
     aten_op_s: float = 0.0  # one aten op's dispatch (views, transposes, small ops), forward or backward
     autograd_node_s: float = 0.0  # the engine's cost of one autograd node beyond the aten ops it runs
     accumulate_grad_s: float = 0.0  # one AccumulateGrad into a fresh .grad (per parameter tensor)
+    post_collective_s: float = 0.0  # compute slowed right after a blocking collective (CPU: cold caches, woken thread)
 
     # ---- v1 API -------------------------------------------------------------------------------------
     def link(self, op: str, ranks_span_nodes: bool) -> Link:
@@ -148,7 +149,7 @@ class Hardware:
         if span.klass == "intra":
             fit = self.fits.get(("intra", op, m))
             if fit is not None:
-                return fit["alpha_s"] + fit["beta_s_per_byte"] * nbytes
+                return fit_time(fit, nbytes)
             return self._ring_link("intra", op, m).time(op, nbytes, m)
         fit = self.fits.get(("inter", op, m))
         same = fit is not None and (fit.get("concurrent_groups", 1), fit.get("ranks_per_node", 1)) == (
@@ -156,7 +157,7 @@ class Hardware:
             span.per_node,
         )
         if same:
-            return fit["alpha_s"] + fit["beta_s_per_byte"] * nbytes  # measured exactly this situation
+            return fit_time(fit, nbytes)  # measured exactly this situation
         link = self._ring_link("inter", op, m)
         share = min(1.0, self.node_link_flows / max(span.flows, 1))
         steps, fraction = ring_steps(op, m)
@@ -182,6 +183,27 @@ class Hardware:
         if klass == "inter":  # the fit's flows shared the node link: scale back up to one flow
             link = Link(link.latency_s, link.bandwidth * f.get("concurrent_groups", 1))
         return link
+
+
+def fit_time(fit: dict, nbytes: float) -> float:
+    """Seconds of one collective of `nbytes` from a calibration's fit: alpha + beta * n, times the measured/fitted
+    ratio at that size (fit["ratios"]: [[bytes, ratio]] written by the calibration, interpolated in log bytes,
+    clamped at the ends) where it has one. The straight line alone misses what is not linear in n: a token
+    bucket lets a message under its burst pass at the wire's speed after compute (the lab at 100mbit: 64 KiB in
+    3.3 ms where the line through 4 MiB says 5.3), as protocol switches do on real fabrics (NCCL's LL / LL128 /
+    Simple). A fit whose beta was scaled (a slower live link) keeps the ratios: the shape, at the new rate."""
+    line = fit["alpha_s"] + fit["beta_s_per_byte"] * nbytes
+    ratios = fit.get("ratios")
+    if not ratios or nbytes <= 0:
+        return line
+    x = math.log(nbytes)
+    pts = sorted((math.log(n), r) for n, r in ratios)
+    if x <= pts[0][0]:
+        return line * pts[0][1]
+    for (x0, r0), (x1, r1) in zip(pts, pts[1:], strict=False):
+        if x <= x1:
+            return line * (r0 + (r1 - r0) * (x - x0) / (x1 - x0))
+    return line * pts[-1][1]
 
 
 def tiled_gemm_s(hw: Hardware, m: int, k: int, n: int) -> float:
@@ -217,5 +239,5 @@ def measured_hardware(fit: dict, flops: float, m: int, op: str = "all_reduce") -
                     comm_uses_compute_cores=True, intra_name="loopback", inter_name="loopback")  # fmt: skip
 
 
-__all__ = ["OPS", "GroupSpan", "Hardware", "Link", "link_from_fit", "measured_hardware", "ring_steps",
+__all__ = ["OPS", "GroupSpan", "Hardware", "Link", "fit_time", "link_from_fit", "measured_hardware", "ring_steps",
            "tile_efficiency", "tiled_gemm_s"]  # fmt: skip

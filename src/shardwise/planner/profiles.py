@@ -95,6 +95,8 @@ def from_calibration(path_or_dict) -> Hardware:
     for klass, ops in cal.get("collectives", {}).items():
         for op, sizes in ops.items():
             for size, f in sizes.items():
+                if "ratios" not in f and f.get("points"):  # files from before ratios: derived from their points
+                    f = {**f, "ratios": [[n, t / (f["alpha_s"] + f["beta_s_per_byte"] * n)] for n, t in f["points"]]}
                 fits[(klass, op, int(size))] = f
     if not fits:
         raise ValueError("calibration has no collective fits: run `shardwise calibrate` with --ranks >= 2")
@@ -128,7 +130,7 @@ def from_calibration(path_or_dict) -> Hardware:
         gemm=_gemm_fn(cal) if points else None, fits=fits, can_overlap=not gloo, comm_uses_compute_cores=gloo,
         intra_name="loopback (same node)", inter_name=f"node link ({rate})", kernels=cal.get("kernels"),
         attention=attention, aten_op_s=over.get("aten_op_s", 0.0), autograd_node_s=over.get("autograd_node_s", 0.0),
-        accumulate_grad_s=over.get("accumulate_grad_s", 0.0),
+        accumulate_grad_s=over.get("accumulate_grad_s", 0.0), post_collective_s=cal.get("post_collective_s", 0.0),
     )  # fmt: skip
 
 
