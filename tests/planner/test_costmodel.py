@@ -269,3 +269,39 @@ def test_measured_kernels_time_each_op_by_its_kind():
     slow["attention"] = {"points": [p | {"bwd": [3e-5, 5e-6]} for p in grid]}
     diff = predict(cfg, from_cal(slow), 1).compute_s - predict(cfg, from_cal(fast), 1).compute_s
     assert diff == pytest.approx(3e-6 * cfg.micro_batch * cfg.heads, rel=1e-9)
+
+
+def test_a_fit_with_measured_ratios_bends_the_line_at_measured_sizes():
+    """fit_time: alpha + beta * n times the measured/fitted ratio interpolated in log bytes (clamped at the ends):
+    the lab's token bucket made 64 KiB 0.6x the line; a scaled beta (a slower live link) keeps the ratio."""
+    from math import log
+
+    from shardwise.planner.hardware import fit_time
+
+    f = {"alpha_s": 1e-3, "beta_s_per_byte": 1e-8, "ratios": [[1024, 1.0], [65536, 0.6], [2**22, 1.0]]}
+    line = lambda n: 1e-3 + 1e-8 * n  # noqa: E731
+    assert fit_time(f, 1024) == pytest.approx(line(1024), rel=1e-12)
+    assert fit_time(f, 65536) == pytest.approx(0.6 * line(65536), rel=1e-12)
+    w = (log(2**14) - log(1024)) / (log(65536) - log(1024))  # 16 KiB: between the first two points
+    assert fit_time(f, 2**14) == pytest.approx((1.0 + (0.6 - 1.0) * w) * line(2**14), rel=1e-12)
+    assert fit_time(f, 8) == pytest.approx(line(8), rel=1e-12) and fit_time(f, 2**26) == pytest.approx(line(2**26))
+    slower = {**f, "beta_s_per_byte": 2e-8}
+    assert fit_time(slower, 65536) == pytest.approx(0.6 * (1e-3 + 2e-8 * 65536), rel=1e-12)
+    # and the model uses it where the calibration measured exactly the group: the ratio reaches a layer's comm
+    hw = from_calibration(_fake_calibration())
+    key = ("intra", "all_reduce", 2)
+    plain = predict(CFG, hw, 2, 4).comm_s
+    hw.fits[key] = {**hw.fits[key], "ratios": [[4, 0.5], [2**30, 0.5]]}
+    assert predict(CFG, hw, 2, 4).comm_s == pytest.approx(0.5 * plain, rel=1e-9)
+
+
+def test_compute_after_each_blocking_collective_pays_the_calibrated_penalty():
+    """post_collective_s per TP collective of the step, added to compute (R's denominator), none at tp=1."""
+    base, slowed = _hw(intra=Link(1e-5, 10e9)), _hw(intra=Link(1e-5, 10e9), post_collective_s=3e-4)
+    p0, p1 = predict(CFG, base, 2), predict(CFG, slowed, 2)
+    assert p1.compute_s - p0.compute_s == pytest.approx(4 * 3e-4, rel=1e-9)  # Megatron's 4 all-reduces per layer
+    assert p1.comm_s == p0.comm_s
+    edge = sum(op.kind == "coll" for op in edge_ops(CFG, 2, False))
+    assert p1.breakdown["compute"] - p0.breakdown["compute"] == pytest.approx(
+        p1.micro_steps * (CFG.layers * 4 + edge) * 3e-4, rel=1e-9)
+    assert predict(CFG, slowed, 1).compute_s == predict(CFG, base, 1).compute_s
