@@ -271,28 +271,31 @@ def test_measured_kernels_time_each_op_by_its_kind():
     assert diff == pytest.approx(3e-6 * cfg.micro_batch * cfg.heads, rel=1e-9)
 
 
-def test_a_fit_with_measured_ratios_bends_the_line_at_measured_sizes():
-    """fit_time: alpha + beta * n times the measured/fitted ratio interpolated in log bytes (clamped at the ends):
-    the lab's token bucket made 64 KiB 0.6x the line; a scaled beta (a slower live link) keeps the ratio."""
+def test_a_fit_with_measured_residuals_bends_the_line_at_measured_sizes():
+    """fit_time: alpha + beta * n plus the measured-minus-line residual interpolated in log bytes (held at the
+    ends, never below 0): the lab's token bucket made 64 KiB 2 ms faster than the line; a scaled beta (a slower
+    live link) adds its extra bytes-time in full."""
     from math import log
 
     from shardwise.planner.hardware import fit_time
 
-    f = {"alpha_s": 1e-3, "beta_s_per_byte": 1e-8, "ratios": [[1024, 1.0], [65536, 0.6], [2**22, 1.0]]}
+    f = {"alpha_s": 1e-3, "beta_s_per_byte": 1e-8, "residuals": [[1024, 0.0], [65536, -2e-4], [2**22, 1e-3]]}
     line = lambda n: 1e-3 + 1e-8 * n  # noqa: E731
     assert fit_time(f, 1024) == pytest.approx(line(1024), rel=1e-12)
-    assert fit_time(f, 65536) == pytest.approx(0.6 * line(65536), rel=1e-12)
+    assert fit_time(f, 65536) == pytest.approx(line(65536) - 2e-4, rel=1e-12)
     w = (log(2**14) - log(1024)) / (log(65536) - log(1024))  # 16 KiB: between the first two points
-    assert fit_time(f, 2**14) == pytest.approx((1.0 + (0.6 - 1.0) * w) * line(2**14), rel=1e-12)
-    assert fit_time(f, 8) == pytest.approx(line(8), rel=1e-12) and fit_time(f, 2**26) == pytest.approx(line(2**26))
+    assert fit_time(f, 2**14) == pytest.approx(line(2**14) - 2e-4 * w, rel=1e-12)
+    assert fit_time(f, 8) == pytest.approx(line(8), rel=1e-12)
+    assert fit_time(f, 2**26) == pytest.approx(line(2**26) + 1e-3, rel=1e-12)
     slower = {**f, "beta_s_per_byte": 2e-8}
-    assert fit_time(slower, 65536) == pytest.approx(0.6 * (1e-3 + 2e-8 * 65536), rel=1e-12)
-    # and the model uses it where the calibration measured exactly the group: the ratio reaches a layer's comm
+    assert fit_time(slower, 65536) - fit_time(f, 65536) == pytest.approx(1e-8 * 65536, rel=1e-9)
+    assert fit_time({**f, "residuals": [[4, -1.0]]}, 4) == 0.0
+    # and the model uses it where the calibration measured exactly the group: it reaches a layer's comm
     hw = from_calibration(_fake_calibration())
     key = ("intra", "all_reduce", 2)
     plain = predict(CFG, hw, 2, 4).comm_s
-    hw.fits[key] = {**hw.fits[key], "ratios": [[4, 0.5], [2**30, 0.5]]}
-    assert predict(CFG, hw, 2, 4).comm_s == pytest.approx(0.5 * plain, rel=1e-9)
+    hw.fits[key] = {**hw.fits[key], "residuals": [[4, 5e-5], [2**30, 5e-5]]}
+    assert predict(CFG, hw, 2, 4).comm_s == pytest.approx(plain + 4 * 5e-5, rel=1e-9)
 
 
 def test_compute_after_each_blocking_collective_pays_the_calibrated_penalty():

@@ -230,7 +230,7 @@ def calibrate_here(mesh=None, quick: bool = False, max_bytes: int = 64 * 2**20, 
                 transfer = fit([(n, max(t, 1e-7)) for n, t in s["after_last_arrival"]])
                 entry = fit(s["points"]) | s
                 entry = entry | {
-                    "ratios": size_ratios(entry),
+                    "residuals": size_residuals(entry),
                     "transfer_fit": {k: transfer[k] for k in ("alpha_s", "beta_s_per_byte")},
                     "concurrent_groups": len(plan.groups), "ranks_per_node": plan.ranks_per_node,
                     "groups": [list(grp) for grp in plan.groups],
@@ -287,10 +287,10 @@ def calibrate_here(mesh=None, quick: bool = False, max_bytes: int = 64 * 2**20, 
     }  # fmt: skip
 
 
-def size_ratios(entry: dict) -> list[list[float]]:
-    """[[bytes, measured / (alpha + beta * bytes)]] per measured size of a collective's entry: what the fitted
-    line misses at each size (hardware.fit_time multiplies the line by it, interpolated)."""
-    return [[n, t / (entry["alpha_s"] + entry["beta_s_per_byte"] * n)] for n, t in entry["points"]]
+def size_residuals(entry: dict) -> list[list[float]]:
+    """[[bytes, measured - (alpha + beta * bytes) seconds]] per measured size of a collective's entry: what the
+    fitted line misses at each size (hardware.fit_time adds it back, interpolated)."""
+    return [[n, t - (entry["alpha_s"] + entry["beta_s_per_byte"] * n)] for n, t in entry["points"]]
 
 
 def _skew_line(points: list[list[float]]) -> dict:

@@ -186,24 +186,25 @@ class Hardware:
 
 
 def fit_time(fit: dict, nbytes: float) -> float:
-    """Seconds of one collective of `nbytes` from a calibration's fit: alpha + beta * n, times the measured/fitted
-    ratio at that size (fit["ratios"]: [[bytes, ratio]] written by the calibration, interpolated in log bytes,
-    clamped at the ends) where it has one. The straight line alone misses what is not linear in n: a token
-    bucket lets a message under its burst pass at the wire's speed after compute (the lab at 100mbit: 64 KiB in
-    3.3 ms where the line through 4 MiB says 5.3), as protocol switches do on real fabrics (NCCL's LL / LL128 /
-    Simple). A fit whose beta was scaled (a slower live link) keeps the ratios: the shape, at the new rate."""
+    """Seconds of one collective of `nbytes` from a calibration's fit: alpha + beta * n, plus what the line
+    missed at the measured sizes (fit["residuals"]: [[bytes, measured - line seconds]] written by the calibration,
+    interpolated in log bytes, held at the ends), never below 0. The straight line alone misses what is not linear
+    in n: a token bucket lets a message under its burst pass at the wire's speed after compute (the lab at
+    100mbit: 64 KiB in 3.3 ms where the line through 4 MiB says 5.3), as protocol switches do on real fabrics
+    (NCCL's LL / LL128 / Simple). A fit whose beta was scaled (a slower live link, adaptive/replanner.py) adds
+    its extra bytes-time in full and keeps the residuals."""
     line = fit["alpha_s"] + fit["beta_s_per_byte"] * nbytes
-    ratios = fit.get("ratios")
-    if not ratios or nbytes <= 0:
+    residuals = fit.get("residuals")
+    if not residuals or nbytes <= 0:
         return line
     x = math.log(nbytes)
-    pts = sorted((math.log(n), r) for n, r in ratios)
+    pts = sorted((math.log(n), r) for n, r in residuals)
     if x <= pts[0][0]:
-        return line * pts[0][1]
+        return max(line + pts[0][1], 0.0)
     for (x0, r0), (x1, r1) in zip(pts, pts[1:], strict=False):
         if x <= x1:
-            return line * (r0 + (r1 - r0) * (x - x0) / (x1 - x0))
-    return line * pts[-1][1]
+            return max(line + r0 + (r1 - r0) * (x - x0) / (x1 - x0), 0.0)
+    return max(line + pts[-1][1], 0.0)
 
 
 def tiled_gemm_s(hw: Hardware, m: int, k: int, n: int) -> float:

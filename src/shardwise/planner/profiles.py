@@ -95,8 +95,6 @@ def from_calibration(path_or_dict) -> Hardware:
     for klass, ops in cal.get("collectives", {}).items():
         for op, sizes in ops.items():
             for size, f in sizes.items():
-                if "ratios" not in f and f.get("points"):  # files from before ratios: derived from their points
-                    f = {**f, "ratios": [[n, t / (f["alpha_s"] + f["beta_s_per_byte"] * n)] for n, t in f["points"]]}
                 fits[(klass, op, int(size))] = f
     if not fits:
         raise ValueError("calibration has no collective fits: run `shardwise calibrate` with --ranks >= 2")
