@@ -123,7 +123,9 @@ def block_section(results: Path, misses: list[str]) -> list[str]:
     for path in sorted(results.glob(f"block-scaling*{date}.json")):
         rec = json.loads(path.read_text())
         c = rec["config"]
-        cal = "full" if "fullcal" in path.name else "quick"
+        cal_file = path.parent / rec.get("calibration_file", "-")
+        quick = json.loads(cal_file.read_text()).get("quick") if cal_file.is_file() else "fullcal" not in path.name
+        cal = "quick" if quick else "full"
         out.append(f"{path.name} (h={c['hidden']}, {c['heads']} heads, seq {c['seq']}, {cal} calibration, load "
                    f"{rec['load_before'][0]:.2f} -> {rec['load_after'][0]:.2f}):\n")  # fmt: skip
         out.append("| tp | measured ms (p90) | predicted ms | error | comm ms meas/pred | R meas/pred |")
