@@ -50,6 +50,7 @@ def without_comm(cal: dict) -> dict:
                         for name in ("alpha_s", "beta_s_per_byte"):
                             if name in part:
                                 part[name] *= 1e-3
+                fit["residuals"] = [[n, r * 1e-3] for n, r in fit.get("residuals", [])]  # seconds, as alpha
     return cal
 
 

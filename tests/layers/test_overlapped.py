@@ -141,7 +141,12 @@ def _check_events(mesh):
         col(x).sum().backward()
     finally:
         comm.remove_observer(events.append)
-    coll = [e for e in events if isinstance(e, comm.CollectiveEvent)]
+    every = [e for e in events if isinstance(e, comm.CollectiveEvent)]
+    # the shape agreement before the chunks (Inflight.check_tokens) is reported too, as the layer's own blocking
+    # all-gather of one int64 row per rank; the chunks are the async ones
+    checks = [e for e in every if e.tag.endswith(":shape_check")]
+    assert checks and all(e.op == "all_gather" and not e.async_op and e.numel == 9 * mesh.tp_size for e in checks)
+    coll = [e for e in every if not e.tag.endswith(":shape_check")]
     assert [(e.phase, e.op) for e in coll] == [("fwd", "all_gather")] * 3 + [("bwd", "reduce_scatter")] * 3
     assert [e.numel for e in coll] == [n * mesh.tp_size * 2 * fin for n in (4, 3, 3)] * 2
     assert sum(e.nbytes for e in coll[:3]) == s * 2 * fin * 4  # the chunks add up to one full all-gather

@@ -308,3 +308,20 @@ def test_compute_after_each_blocking_collective_pays_the_calibrated_penalty():
     assert p1.breakdown["compute"] - p0.breakdown["compute"] == pytest.approx(
         p1.micro_steps * (CFG.layers * 4 + edge) * 3e-4, rel=1e-9)
     assert predict(CFG, slowed, 1).compute_s == predict(CFG, base, 1).compute_s
+
+
+def test_contended_collectives_cost_more_only_beside_sibling_groups():
+    """On an oversubscribed host the calibration times each group's collectives again while the other groups
+    compute (fit["contended"]["ratio"]); the model applies it to a group with siblings (tp=2 x dp=2: 2 tp groups)
+    and not to a lone group (tp=4 x dp=1)."""
+    cal = _fake_calibration()
+    cal["collectives"]["intra"]["all_reduce"]["2"]["contended"] = {"points": [], "ratio": 2.5}
+    hw = from_calibration(cal)
+    lone = GroupSpan(2, "intra", 0, 2)  # groups=1
+    pair = GroupSpan(2, "intra", 0, 2, groups=2)
+    base = 1e-4 + 1e-9 * 4096
+    assert hw.collective("all_reduce", 4096, lone) == pytest.approx(base, rel=1e-12)
+    assert hw.collective("all_reduce", 4096, pair) == pytest.approx(2.5 * base, rel=1e-12)
+    assert span(2, 2, "tp-inner", "tp", 2).groups == 2 and span(4, 1, "tp-inner", "tp", 2).groups == 1
+    plain = predict(CFG, from_calibration(_fake_calibration()), 2, 4)
+    assert predict(CFG, hw, 2, 4).comm_s == pytest.approx(2.5 * plain.comm_s, rel=1e-9)  # its 4 all-reduces

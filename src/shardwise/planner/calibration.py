@@ -211,6 +211,7 @@ def calibrate_here(mesh=None, quick: bool = False, max_bytes: int = 64 * 2**20, 
     _check_nodes(layout)
     msg_sizes = _message_sizes(quick, max_bytes, sizes)
     collectives: dict = {}
+    contend = measure.oversubscribed()
     for plan in plans(layout):
         check_plan(plan, layout)
         mine = None
@@ -236,6 +237,8 @@ def calibrate_here(mesh=None, quick: bool = False, max_bytes: int = 64 * 2**20, 
                     "groups": [list(grp) for grp in plan.groups],
                 }  # fmt: skip
                 collectives.setdefault(plan.link_class, {}).setdefault(op, {})[str(g)] = entry
+            if contend and len(plan.groups) > 1:
+                measure.add_contended(op, rounded, quick, g, mine, plan, collectives)
     t_comm = time.perf_counter()
     shapes = [tuple(s) for s in (gemm_shapes or default_gemm_shapes(quick))]
     gemm = [None] * world

@@ -11,8 +11,11 @@ rank 0 can also tell the part after the last rank arrived and check that groups 
 
 from __future__ import annotations
 
+import os
+import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -42,8 +45,8 @@ def compute_for(seconds: float, x: torch.Tensor, w: torch.Tensor) -> None:
         F.linear(x, w)
 
 
-def sweep(op: str, sizes: list[int], reps: list[int], g: int, group,
-          gap_s: float = COMPUTE_GAP_S) -> list[list[tuple[float, float]]]:  # fmt: skip
+def sweep(op: str, sizes: list[int], reps: list[int], g: int, group, gap_s: float = COMPUTE_GAP_S,
+          barrier: bool = True) -> list[list[tuple[float, float]]]:  # fmt: skip
     """This rank's (start, end) of every timed call, per size. sizes: full-tensor bytes (fp32, rounded to a
     multiple of 4*g by the caller). All ranks of the world call this at once, each with its own group.
 
@@ -60,7 +63,8 @@ def sweep(op: str, sizes: list[int], reps: list[int], g: int, group,
     for nbytes in sizes:
         numel = nbytes // 4
         tensors.append(torch.randn(numel // g if op == "all_gather" else numel))
-    dist.barrier()
+    if barrier:  # all ranks of the world start together (False: only some groups sweep, see contended_sweep)
+        dist.barrier()
     for base in tensors:  # warm-up: connections, allocator
         _issue(op, base.mul(1.0), g, group)
     out: list[list[tuple[float, float]]] = [[] for _ in sizes]
@@ -74,6 +78,64 @@ def sweep(op: str, sizes: list[int], reps: list[int], g: int, group,
             _issue(op, src, g, group)
             out[i].append((start, time.perf_counter()))
     return out
+
+
+CONTENDED_MAX_BYTES = 2**18  # the latency-bound sizes a step's TP collectives mostly are, here
+
+
+def oversubscribed() -> bool:
+    """Whether some host runs more ranks than it has cores (collective over the world). A host is a boot id, so
+    the lab's namespaces count as the one machine they share."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = platform.node()
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, (boot, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
+    hosts = {b for b, _ in every}
+    return any(sum(b == h for b, _ in every) > max(c for b, c in every if b == h) for h in hosts)
+
+
+def contended_sweep(op: str, sizes: list[int], reps: list[int], g: int, group, index: int,
+                    busy_s: float) -> list[list[tuple[float, float]]]:  # fmt: skip
+    """sweep() with half of the concurrent groups computing meanwhile: groups of even `index` sweep while the odd
+    ones run GEMMs for `busy_s`, then the other way round; every rank returns its own sweep. In a step the tp
+    groups drift apart, so one group's collective meets the other groups' compute on shared cores; measured in
+    the lab (2 nodes x 2 ranks on 2 cores) the tp=2 steps' collectives cost 2-2.5x what all groups
+    communicating at once (sweep) shows, while tp=4 (one group) matched it."""
+    x, w = torch.randn(64, 256), torch.randn(256, 256)
+    out: list = []
+    for turn in (0, 1):
+        dist.barrier()
+        if index % 2 == turn:
+            out = sweep(op, sizes, reps, g, group, barrier=False)
+        else:
+            compute_for(busy_s, x, w)
+    dist.barrier()
+    return out
+
+
+def add_contended(op: str, rounded: list[int], quick: bool, g: int, group, plan, collectives: dict) -> None:
+    """On an oversubscribed host, `op`'s small sizes again with half the groups computing (contended_sweep):
+    entry["contended"] = {"points", "ratio": median over sizes of contended / all-groups-at-once}. The model
+    multiplies a collective by it when its group has concurrent siblings (GroupSpan.groups > 1)."""
+    rank = dist.get_rank()
+    small = [n for n in rounded if n <= CONTENDED_MAX_BYTES] or rounded[:1]
+    reps = [12 if quick else 24 for _ in small]
+    entry = collectives[plan.link_class][op][str(g)] if rank == 0 else None
+    # the computing half must outlast the sweeping half: 3x the all-at-once time of the same calls, + 50 ms
+    busy = [3 * sum(r * t for (n, t), r in zip([p for p in entry["points"] if p[0] in small], reps, strict=True))
+            + 0.05 if rank == 0 else None]  # fmt: skip
+    dist.broadcast_object_list(busy, src=0)
+    index = next(i for i, grp in enumerate(plan.groups) if rank in grp)
+    calls = contended_sweep(op, small, reps, g, group, index, busy[0])
+    per_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, calls)
+    if rank == 0:
+        points = summarize(per_rank, plan.groups, small)["points"]
+        alone = dict((n, t) for n, t in entry["points"])
+        ratio = statistics.median(t / alone[n] for n, t in points)
+        entry["contended"] = {"points": points, "ratio": max(ratio, 1.0)}
 
 
 def summarize(per_rank: list, groups, sizes: list[int]) -> dict:

@@ -54,6 +54,7 @@ class GroupSpan:
     klass: str
     flows: int = 1
     per_node: int = 1  # ranks of one group on each node it touches (mixed rings: > 1)
+    groups: int = field(default=1, compare=False)  # groups of this kind running side by side (tp: dp of them)
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,7 @@ class Hardware:
         if span.klass == "intra":
             fit = self.fits.get(("intra", op, m))
             if fit is not None:
-                return fit_time(fit, nbytes)
+                return fit_time(fit, nbytes) * _contention(fit, span)
             return self._ring_link("intra", op, m).time(op, nbytes, m)
         fit = self.fits.get(("inter", op, m))
         same = fit is not None and (fit.get("concurrent_groups", 1), fit.get("ranks_per_node", 1)) == (
@@ -157,7 +158,7 @@ class Hardware:
             span.per_node,
         )
         if same:
-            return fit_time(fit, nbytes)  # measured exactly this situation
+            return fit_time(fit, nbytes) * _contention(fit, span)  # measured exactly this situation
         link = self._ring_link("inter", op, m)
         share = min(1.0, self.node_link_flows / max(span.flows, 1))
         steps, fraction = ring_steps(op, m)
@@ -183,6 +184,12 @@ class Hardware:
         if klass == "inter":  # the fit's flows shared the node link: scale back up to one flow
             link = Link(link.latency_s, link.bandwidth * f.get("concurrent_groups", 1))
         return link
+
+
+def _contention(fit: dict, span: GroupSpan) -> float:
+    """The calibration's contended/alone ratio (oversubscribed hosts only) when the group has siblings whose compute
+    meets its collectives on the same cores; 1 otherwise."""
+    return (fit.get("contended") or {}).get("ratio", 1.0) if span.groups > 1 else 1.0
 
 
 def fit_time(fit: dict, nbytes: float) -> float:

@@ -40,7 +40,7 @@ def span(tp: int, dp: int, placement: str, kind: str, devices_per_node: int) -> 
     klass = "mixed" if "mixed" in klasses or len(klasses) > 1 else klasses.pop()
     nodes = [r // devices_per_node for r in members[0]]
     per_node = max(nodes.count(x) for x in set(nodes)) if klass != "intra" else size
-    return GroupSpan(size, klass, max(uploads.values(), default=0), per_node)
+    return GroupSpan(size, klass, max(uploads.values(), default=0), per_node, groups=len(members))
 
 
 __all__ = ["PLACEMENTS", "groups", "span"]
