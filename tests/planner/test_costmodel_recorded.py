@@ -36,91 +36,101 @@ KNOWN_MISSES: dict[str, str] = {  # block-scaling-2026-12-06.json, planner-2026-
         'block: comm 23.4 ms predicted vs 55.5 ms measured; block: R 0.30 predicted vs 0.88 measured; step '
         '100.2 ms predicted vs 118.4 ms measured (-15%)',
     '2x1@unshaped-tp2dp1-tp-inner':
-        'blocks.0: comm 38.1 ms predicted vs 27.5 ms measured; blocks.0: R 2.40 predicted vs 1.37 measured; '
-        'blocks.1: comm 38.1 ms predicted vs 24.3 ms measured; blocks.1: R 2.40 predicted vs 1.21 measured',
+        'blocks.0: comm 17.9 ms predicted vs 35.5 ms measured; blocks.0: R 1.23 predicted vs 1.83 measured; '
+        'blocks.1: comm 17.9 ms predicted vs 32.7 ms measured; blocks.1: R 1.23 predicted vs 1.70 measured; '
+        'step 94.5 ms predicted vs 137.8 ms measured (-31%)',
     '2x1@unshaped-tp2dp1-tp-inner+sp':
-        'step 253.3 ms predicted vs 216.9 ms measured (+17%)',
+        'blocks.0: comm 39.8 ms predicted vs 67.7 ms measured; blocks.1: comm 39.8 ms predicted vs 71.7 ms '
+        'measured; blocks.1: R 2.41 predicted vs 3.33 measured; step 161.2 ms predicted vs 244.4 ms measured '
+        '(-34%)',
     '2x1@1gbit-tp1dp2-tp-inner':
-        'step 80.4 ms predicted vs 99.8 ms measured (-19%)',
+        'step 82.5 ms predicted vs 109.9 ms measured (-25%)',
+    '2x1@1gbit-tp2dp1-tp-inner':
+        'blocks.0: comm 40.3 ms predicted vs 31.3 ms measured; blocks.0: R 2.41 predicted vs 1.65 measured; '
+        'blocks.1: comm 40.3 ms predicted vs 21.3 ms measured; blocks.1: R 2.41 predicted vs 1.19 measured',
     '2x1@1gbit-tp2dp1-tp-inner+sp':
-        'blocks.0: R 3.49 predicted vs 2.62 measured',
-    '2x1@300mbit-tp2dp1-tp-inner':
-        'blocks.0: comm 42.6 ms predicted vs 23.8 ms measured; blocks.0: R 2.59 predicted vs 1.23 measured; '
-        'blocks.1: comm 42.6 ms predicted vs 22.2 ms measured; blocks.1: R 2.59 predicted vs 1.15 measured; '
-        'step 169.3 ms predicted vs 140.8 ms measured (+20%)',
-    '2x1@300mbit-tp2dp1-tp-inner+sp':
-        'blocks.0: R 3.91 predicted vs 2.98 measured',
-    '2x1@100mbit-tp2dp1-tp-inner':
-        'step 200.4 ms predicted vs 236.0 ms measured (-15%)',
-    '2x2@unshaped-tp1dp4-tp-inner':
-        'step 51.2 ms predicted vs 73.0 ms measured (-30%)',
-    '2x2@unshaped-tp2dp2-tp-inner':
-        'blocks.0: comm 11.2 ms predicted vs 20.7 ms measured; blocks.0: R 0.72 predicted vs 1.80 measured; '
-        'blocks.1: comm 11.2 ms predicted vs 23.4 ms measured; blocks.1: R 0.72 predicted vs 1.93 measured; '
-        'step 79.7 ms predicted vs 124.3 ms measured (-36%)',
-    '2x2@unshaped-tp2dp2-tp-inner+sp':
-        'blocks.0: R 1.95 predicted vs 3.48 measured; blocks.1: R 1.95 predicted vs 3.63 measured; step 158.6'
-        ' ms predicted vs 199.2 ms measured (-20%)',
-    '2x2@unshaped-tp2dp2-dp-inner':
-        'blocks.0: comm 12.4 ms predicted vs 22.8 ms measured; blocks.0: R 0.80 predicted vs 2.01 measured; '
-        'blocks.1: comm 12.4 ms predicted vs 22.7 ms measured; blocks.1: R 0.80 predicted vs 1.99 measured; '
-        'step 81.7 ms predicted vs 129.3 ms measured (-37%)',
-    '2x2@unshaped-tp2dp2-dp-inner+sp':
-        'blocks.0: comm 21.3 ms predicted vs 46.1 ms measured; blocks.0: R 1.09 predicted vs 3.78 measured; '
-        'blocks.1: comm 21.3 ms predicted vs 43.2 ms measured; blocks.1: R 1.09 predicted vs 3.71 measured; '
-        'step 116.8 ms predicted vs 184.9 ms measured (-37%)',
-    '2x2@unshaped-tp4dp1-tp-inner+sp':
-        'blocks.0: comm 216.2 ms predicted vs 166.3 ms measured; step 683.7 ms predicted vs 496.3 ms measured'
-        ' (+38%)',
-    '2x2@1gbit-tp1dp4-tp-inner':
-        'step 109.1 ms predicted vs 133.5 ms measured (-18%)',
-    '2x2@1gbit-tp2dp2-tp-inner':
-        'blocks.0: comm 11.1 ms predicted vs 26.0 ms measured; blocks.0: R 0.68 predicted vs 2.29 measured; '
-        'blocks.1: comm 11.1 ms predicted vs 23.2 ms measured; blocks.1: R 0.68 predicted vs 1.73 measured; '
-        'step 109.4 ms predicted vs 158.8 ms measured (-31%)',
-    '2x2@1gbit-tp2dp2-tp-inner+sp':
-        'blocks.0: R 1.62 predicted vs 3.06 measured; blocks.1: R 1.62 predicted vs 3.56 measured',
-    '2x2@1gbit-tp2dp2-dp-inner':
-        'blocks.0: R 1.17 predicted vs 2.00 measured; blocks.1: R 1.17 predicted vs 2.09 measured',
-    '2x2@1gbit-tp2dp2-dp-inner+sp':
-        'blocks.0: R 1.92 predicted vs 3.38 measured; blocks.1: R 1.92 predicted vs 3.41 measured',
-    '2x2@1gbit-tp4dp1-tp-inner':
-        'step 332.5 ms predicted vs 265.5 ms measured (+25%)',
-    '2x2@1gbit-tp4dp1-tp-inner+sp':
-        'blocks.0: R 5.34 predicted vs 7.54 measured; blocks.1: R 5.34 predicted vs 7.42 measured; step 628.9'
-        ' ms predicted vs 503.7 ms measured (+25%)',
-    '2x2@300mbit-tp2dp2-tp-inner':
-        'blocks.0: comm 9.4 ms predicted vs 26.9 ms measured; blocks.0: R 0.66 predicted vs 1.89 measured; '
-        'blocks.1: comm 9.4 ms predicted vs 20.9 ms measured; blocks.1: R 0.66 predicted vs 1.53 measured; '
-        'step 213.1 ms predicted vs 314.3 ms measured (-32%)',
-    '2x2@300mbit-tp2dp2-tp-inner+sp':
-        'blocks.0: comm 26.2 ms predicted vs 45.6 ms measured; blocks.0: R 1.38 predicted vs 3.22 measured; '
-        'blocks.1: comm 26.2 ms predicted vs 43.0 ms measured; blocks.1: R 1.38 predicted vs 3.15 measured; '
-        'step 266.2 ms predicted vs 387.3 ms measured (-31%)',
-    '2x2@300mbit-tp2dp2-dp-inner':
-        'blocks.0: comm 37.9 ms predicted vs 28.4 ms measured; blocks.0: R 2.67 predicted vs 1.93 measured; '
-        'blocks.1: comm 37.9 ms predicted vs 28.7 ms measured; step 152.4 ms predicted vs 129.4 ms measured '
-        '(+18%)',
-    '2x2@300mbit-tp2dp2-dp-inner+sp':
-        'blocks.0: comm 65.9 ms predicted vs 47.7 ms measured; blocks.1: comm 65.9 ms predicted vs 50.3 ms '
+        'blocks.0: comm 57.6 ms predicted vs 86.4 ms measured; blocks.1: comm 57.6 ms predicted vs 78.3 ms '
         'measured',
+    '2x1@300mbit-tp2dp1-tp-inner':
+        'blocks.0: comm 36.7 ms predicted vs 25.6 ms measured; blocks.0: R 2.42 predicted vs 1.30 measured; '
+        'blocks.1: R 2.42 predicted vs 1.76 measured',
+    '2x1@300mbit-tp2dp1-tp-inner+sp':
+        'blocks.0: R 4.24 predicted vs 2.85 measured; blocks.1: R 4.24 predicted vs 2.75 measured',
+    '2x1@100mbit-tp2dp1-tp-inner+sp':
+        'step 301.3 ms predicted vs 366.7 ms measured (-18%)',
+    '2x2@unshaped-tp1dp4-tp-inner':
+        'step 56.1 ms predicted vs 82.9 ms measured (-32%)',
+    '2x2@unshaped-tp2dp2-tp-inner':
+        'blocks.0: comm 11.2 ms predicted vs 21.4 ms measured; blocks.0: R 0.73 predicted vs 2.10 measured; '
+        'blocks.1: comm 11.2 ms predicted vs 24.7 ms measured; blocks.1: R 0.73 predicted vs 2.57 measured; '
+        'step 80.4 ms predicted vs 103.4 ms measured (-22%)',
+    '2x2@unshaped-tp2dp2-tp-inner+sp':
+        'blocks.0: comm 26.5 ms predicted vs 43.0 ms measured; blocks.0: R 1.36 predicted vs 3.43 measured; '
+        'blocks.1: comm 26.5 ms predicted vs 37.6 ms measured; blocks.1: R 1.36 predicted vs 3.40 measured; '
+        'step 132.0 ms predicted vs 180.6 ms measured (-27%)',
+    '2x2@unshaped-tp2dp2-dp-inner':
+        'blocks.0: comm 11.7 ms predicted vs 25.7 ms measured; blocks.0: R 0.76 predicted vs 2.45 measured; '
+        'blocks.1: comm 11.7 ms predicted vs 18.6 ms measured; blocks.1: R 0.76 predicted vs 1.82 measured; '
+        'step 80.4 ms predicted vs 109.4 ms measured (-27%)',
+    '2x2@unshaped-tp2dp2-dp-inner+sp':
+        'blocks.0: comm 28.3 ms predicted vs 43.6 ms measured; blocks.0: R 1.45 predicted vs 3.55 measured; '
+        'blocks.1: comm 28.3 ms predicted vs 43.6 ms measured; blocks.1: R 1.45 predicted vs 3.74 measured; '
+        'step 135.5 ms predicted vs 188.9 ms measured (-28%)',
+    '2x2@unshaped-tp4dp1-tp-inner+sp':
+        'step 659.2 ms predicted vs 508.6 ms measured (+30%)',
+    '2x2@1gbit-tp1dp4-tp-inner':
+        'step 105.2 ms predicted vs 135.2 ms measured (-22%)',
+    '2x2@1gbit-tp2dp2-tp-inner':
+        'blocks.0: comm 13.3 ms predicted vs 31.1 ms measured; blocks.0: R 0.87 predicted vs 2.48 measured; '
+        'blocks.1: comm 13.3 ms predicted vs 22.6 ms measured; blocks.1: R 0.87 predicted vs 1.99 measured; '
+        'step 123.4 ms predicted vs 151.3 ms measured (-18%)',
+    '2x2@1gbit-tp2dp2-tp-inner+sp':
+        'blocks.0: comm 31.8 ms predicted vs 44.0 ms measured; blocks.0: R 1.64 predicted vs 3.13 measured; '
+        'blocks.1: R 1.64 predicted vs 3.10 measured; step 178.4 ms predicted vs 236.1 ms measured (-24%)',
+    '2x2@1gbit-tp2dp2-dp-inner':
+        'blocks.0: comm 17.8 ms predicted vs 23.9 ms measured; blocks.0: R 1.16 predicted vs 2.19 measured; '
+        'blocks.1: R 1.16 predicted vs 2.04 measured; step 99.5 ms predicted vs 123.6 ms measured (-19%)',
+    '2x2@1gbit-tp2dp2-dp-inner+sp':
+        'blocks.0: R 2.07 predicted vs 3.47 measured; blocks.1: R 2.07 predicted vs 3.91 measured',
+    '2x2@1gbit-tp4dp1-tp-inner+sp':
+        'blocks.0: comm 206.2 ms predicted vs 160.6 ms measured; blocks.1: comm 206.2 ms predicted vs 158.5 '
+        'ms measured; step 654.9 ms predicted vs 569.1 ms measured (+15%)',
+    '2x2@300mbit-tp2dp2-tp-inner':
+        'blocks.0: comm 13.0 ms predicted vs 21.4 ms measured; blocks.0: R 1.00 predicted vs 1.68 measured; '
+        'blocks.1: comm 13.0 ms predicted vs 22.2 ms measured; blocks.1: R 1.00 predicted vs 1.89 measured; '
+        'step 213.6 ms predicted vs 318.8 ms measured (-33%)',
+    '2x2@300mbit-tp2dp2-tp-inner+sp':
+        'blocks.0: R 1.72 predicted vs 3.25 measured; blocks.1: comm 30.6 ms predicted vs 41.5 ms measured; '
+        'blocks.1: R 1.72 predicted vs 3.46 measured; step 268.5 ms predicted vs 372.7 ms measured (-28%)',
+    '2x2@300mbit-tp2dp2-dp-inner':
+        'blocks.0: comm 43.0 ms predicted vs 19.1 ms measured; blocks.0: R 3.30 predicted vs 1.69 measured; '
+        'blocks.1: comm 43.0 ms predicted vs 23.7 ms measured; blocks.1: R 3.30 predicted vs 2.40 measured; '
+        'step 164.1 ms predicted vs 119.9 ms measured (+37%)',
+    '2x2@300mbit-tp2dp2-dp-inner+sp':
+        'blocks.0: comm 69.9 ms predicted vs 49.8 ms measured; blocks.1: comm 69.9 ms predicted vs 40.8 ms '
+        'measured; step 251.3 ms predicted vs 174.0 ms measured (+44%)',
     '2x2@300mbit-tp4dp1-tp-inner':
-        'blocks.0: R 5.33 predicted vs 4.09 measured; blocks.1: R 5.33 predicted vs 3.85 measured',
+        'step 312.2 ms predicted vs 251.1 ms measured (+24%)',
+    '2x2@300mbit-tp4dp1-tp-inner+sp':
+        'blocks.0: comm 204.9 ms predicted vs 160.4 ms measured; blocks.1: comm 204.9 ms predicted vs 159.7 '
+        'ms measured; step 643.9 ms predicted vs 480.9 ms measured (+34%)',
     '2x2@100mbit-tp2dp2-tp-inner':
-        'blocks.0: comm 9.0 ms predicted vs 22.7 ms measured; blocks.0: R 0.57 predicted vs 1.47 measured; '
-        'blocks.1: comm 9.0 ms predicted vs 27.1 ms measured; blocks.1: R 0.57 predicted vs 1.62 measured; '
-        'step 644.9 ms predicted vs 844.8 ms measured (-24%)',
+        'blocks.0: comm 14.9 ms predicted vs 24.3 ms measured; blocks.0: R 0.82 predicted vs 1.33 measured; '
+        'blocks.1: comm 14.9 ms predicted vs 23.9 ms measured; blocks.1: R 0.82 predicted vs 1.36 measured',
     '2x2@100mbit-tp2dp2-tp-inner+sp':
-        'blocks.0: R 1.53 predicted vs 2.61 measured; blocks.1: R 1.53 predicted vs 2.84 measured',
+        'blocks.0: comm 30.2 ms predicted vs 55.8 ms measured; blocks.0: R 1.10 predicted vs 2.59 measured; '
+        'blocks.1: comm 30.2 ms predicted vs 56.8 ms measured; blocks.1: R 1.10 predicted vs 2.90 measured',
     '2x2@100mbit-tp2dp2-dp-inner':
-        'blocks.0: comm 100.5 ms predicted vs 67.9 ms measured; blocks.0: R 6.35 predicted vs 4.60 measured; '
-        'blocks.1: comm 100.5 ms predicted vs 74.2 ms measured; blocks.1: R 6.35 predicted vs 4.89 measured; '
-        'step 325.7 ms predicted vs 243.0 ms measured (+34%)',
+        'blocks.0: comm 90.9 ms predicted vs 67.0 ms measured; blocks.1: comm 90.9 ms predicted vs 61.9 ms '
+        'measured; blocks.1: R 4.97 predicted vs 3.41 measured; step 307.7 ms predicted vs 253.7 ms measured '
+        '(+21%)',
     '2x2@100mbit-tp2dp2-dp-inner+sp':
-        'blocks.0: comm 175.8 ms predicted vs 108.7 ms measured; blocks.1: comm 175.8 ms predicted vs 118.2 '
-        'ms measured; step 548.9 ms predicted vs 361.3 ms measured (+52%)',
+        'blocks.0: comm 147.4 ms predicted vs 117.7 ms measured; blocks.1: comm 147.4 ms predicted vs 112.0 '
+        'ms measured; step 486.4 ms predicted vs 368.3 ms measured (+32%)',
+    '2x2@100mbit-tp4dp1-tp-inner':
+        'blocks.0: R 4.96 predicted vs 3.39 measured; blocks.1: R 4.96 predicted vs 3.27 measured',
     '2x2@100mbit-tp4dp1-tp-inner+sp':
-        'step 743.2 ms predicted vs 631.5 ms measured (+18%)',
+        'step 793.3 ms predicted vs 661.4 ms measured (+20%)',
 }
 # fmt: on
 
