@@ -10,6 +10,10 @@ Link classes (see topology.py): "intra" (every rank of the group on one node), "
 link with every other concurrently running group crossing it (`flows`), so their bandwidth is the node link's
 divided by the flows it carries (beyond the NICs a node has).
 
+A calibrated collective measured in exactly the group's situation is its alpha-beta line plus what the line
+missed at each measured size (fit_time: residuals), times the calibration's contended ratio when the group has
+sibling groups computing on the same oversubscribed cores (GroupSpan.groups > 1).
+
 GPU GEMMs use a tiles/waves model derived from the hardware: the output [m, n] is cut into tile_m x tile_n
 tiles, the SMs run one tile each per wave, a wave costs one full tile's FLOPs at the per-SM peak (partial
 tiles and a partial last wave are paid in full), never faster than moving the operands at memory bandwidth,

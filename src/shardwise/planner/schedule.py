@@ -14,6 +14,8 @@ Overlap, as the code and the backends behave:
   it moves at memory bandwidth) on the same cores as compute, so backward is stretched by that much, and the
   stretch counts as dp time. Under gradient accumulation DDP syncs only the last micro-batch (no_sync), so
   only that backward can hide it.
+- After a blocking collective the next compute runs slower (calibration's post_collective_s: cold caches, a
+  woken thread; 0.2-0.6 ms here, 0 for GPU profiles): added to the compute of the phase it follows.
 - Rank skew (calibration's rank_skew, gloo only): ranks sharing oversubscribed cores drift apart, so a blocking
   collective first waits for the slowest rank; that wait grows with the compute since the previous collective
   and is counted as TP communication time (the profiler times it inside the collective too).
