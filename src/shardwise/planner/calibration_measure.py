@@ -67,6 +67,8 @@ def sweep(op: str, sizes: list[int], reps: list[int], g: int, group, gap_s: floa
         dist.barrier()
     for base in tensors:  # warm-up: connections, allocator
         _issue(op, base.mul(1.0), g, group)
+    if barrier:  # again: a group's first calls (connection setup) can take 10+ ms longer than another's
+        dist.barrier()
     out: list[list[tuple[float, float]]] = [[] for _ in sizes]
     for rep in range(max(reps)):
         for i, base in enumerate(tensors):
