@@ -278,3 +278,25 @@ def test_collective_points_are_the_mean_call_so_a_tail_counts():
     out = summarize([r0, r1], [(0, 1)], [4096])
     assert out["points"][0][1] == pytest.approx(mean(calls), rel=1e-9)  # slowest rank: rank 0's whole call
     assert out["after_last_arrival"][0][1] == pytest.approx(mean(calls) - 2e-4, rel=1e-9)
+
+
+def test_step_like_extras_residuals_penalty_and_contention(cal):
+    """What the model needs beyond the line: per measured size the residual (measured - line, so line + residual
+    is the point again), the compute penalty after a collective, and on an oversubscribed host (4 ranks here on
+    fewer cores) each 2-group plan's small collectives timed again beside computing siblings."""
+    c, _ = cal
+    assert c["post_collective_s"] >= 0
+    for ops in c["collectives"].values():
+        for by_size in ops.values():
+            for f in by_size.values():
+                line = lambda n: f["alpha_s"] + f["beta_s_per_byte"] * n  # noqa: E731, B023
+                assert [[n, pytest.approx(t)] for n, t in f["points"]] == [[n, line(n) + r] for n, r in f["residuals"]]
+    import os
+
+    if WORLD <= len(os.sched_getaffinity(0)):
+        pytest.skip(f"{WORLD} ranks on {len(os.sched_getaffinity(0))} cores: not oversubscribed, nothing contended")
+    siblings = [f for ops in c["collectives"].values() for by in ops.values() for f in by.values()
+                if f["concurrent_groups"] > 1]  # fmt: skip
+    assert len(siblings) == 6 and all(f["contended"]["ratio"] >= 1.0 and f["contended"]["points"] for f in siblings)
+    assert all("contended" not in f for ops in c["collectives"].values() for by in ops.values() for f in by.values()
+               if f["concurrent_groups"] == 1)  # fmt: skip

@@ -23,12 +23,14 @@ def report(cal: dict) -> str:
     lines = [f"shardwise calibrate: {cal['world']} gloo ranks = {cal['nodes']} node(s) x {cal['procs_per_node']} on "
              f"{cal['host']}, link rate {cal['link_rate'] or 'not shaped by the lab'}"]  # fmt: skip
     lines.append(f"{'class':<6} {'op':<15} {'group':>5} {'x groups':>8} {'alpha (us)':>11} {'GB/s':>7} "
-                 f"{'fit err med':>11}")  # fmt: skip
+                 f"{'fit err med':>11} {'contended':>9}")  # fmt: skip
     for link, ops in cal["collectives"].items():
         for op, by_size in ops.items():
             for g, f in by_size.items():
+                contended = f"x{f['contended']['ratio']:.2f}" if f.get("contended") else "-"
                 lines.append(f"{link:<6} {op:<15} {g:>5} {f['concurrent_groups']:>8} {f['alpha_s'] * 1e6:>11.1f} "
-                             f"{1e-9 / f['beta_s_per_byte']:>7.2f} {f['median_rel_error']:>11.1%}")  # fmt: skip
+                             f"{1e-9 / f['beta_s_per_byte']:>7.2f} {f['median_rel_error']:>11.1%} "
+                             f"{contended:>9}")  # fmt: skip
     rates = [2 * p["m"] * p["k"] * p["n"] / p["fwd_s"] / 1e9 for p in cal["gemm"]["points"]]
     lines.append(f"GEMM forward: {min(rates):.1f}..{max(rates):.1f} GFLOP/s per rank over {len(rates)} shapes "
                  f"({cal['gemm']['concurrent_ranks']} ranks at once; slowest rank / median "
@@ -40,6 +42,10 @@ def report(cal: dict) -> str:
     waits = ", ".join(f"{w * 1e3:.2f} ms wait after {c * 1e3:.1f} ms compute" for c, w in skew["points"])
     lines.append(f"rank skew: {waits} (wait = {skew['wait_const_s'] * 1e3:.2f} ms + "
                  f"{skew['wait_per_compute_s']:.3f} x compute)")  # fmt: skip
+    if "post_collective_s" in cal:
+        lines.append(f"after a blocking collective the next compute takes {cal['post_collective_s'] * 1e3:.2f} ms "
+                     "longer (cold caches, a woken thread); contended: a group's collectives while the other groups "
+                     "compute, relative to all groups at once (oversubscribed hosts only)")  # fmt: skip
     return "\n".join(lines)
 
 
