@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["SHAPE_ROW_NUMEL", "before", "check_same_shape", "debugging"]
+__all__ = ["SHAPE_ROW_NUMEL", "before", "check_same_shape", "debugging", "shape_checks_on"]
 
 _MAX_DIMS = 8  # shapes are exchanged as fixed-size int64 rows: [ndim, d0, ..., d7]
 SHAPE_ROW_NUMEL = 1 + _MAX_DIMS
@@ -61,10 +61,15 @@ def before(
     if debugging(debug):
         agree(op, shape, source.dtype, group, group_size, tag, phase)
         return "debug_check"
-    if check_shape and os.environ.get("SHARDWISE_CHECK_SHAPES") != "0":
+    if check_shape and shape_checks_on():
         check_same_shape(shape, group, group_size, f"{op} {tag!r} ({phase})")
         return "shape_check"
     return None
+
+
+def shape_checks_on() -> bool:
+    """Whether checked collectives agree on shapes first: on unless SHARDWISE_CHECK_SHAPES=0 (read per call)."""
+    return os.environ.get("SHARDWISE_CHECK_SHAPES") != "0"
 
 
 def check_same_shape(shape: tuple[int, ...], group, group_size: int, what: str) -> None:

@@ -10,9 +10,9 @@ tensor's bytes (as calibrations and the ring formulas use) and the phase they ru
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, fields
 
+from ..comm.checks import SHAPE_ROW_NUMEL, shape_checks_on
 from ..heads import head_layout
 
 
@@ -153,7 +153,7 @@ class Op:
 # layers minus GPT with 1, less rotary's own ops (the "rotary" kernel times the whole function); edges
 # (embedding, final norm, head, vocab-parallel cross-entropy): 2 x GPT(1 layer) - GPT(2 layers). SwiGLU and
 # RMSNorm add only ops their kernels cover. tp > 2: the tp=2 counts (the same wrappers). (fwd ops, bwd ops, nodes)
-SHAPE_ROW_BYTES = 9 * 8  # comm.checks: one [1 + 8] int64 row per rank
+SHAPE_ROW_BYTES = SHAPE_ROW_NUMEL * 8  # comm.checks' int64 row, per rank
 BLOCK_GLUE = {1: (15, 76, 28), 2: (21, 88, 34)}
 EDGE_GLUE = {1: (212, 48, 7), 2: (269, 74, 13)}
 
@@ -189,14 +189,9 @@ def _norm(cfg: ModelConfig, part: str, t: int, sp: bool, tp: int) -> list[Op]:
                ew_kind="rms_norm" if cfg.rmsnorm else "layer_norm", elems=t * h)]  # fmt: skip
 
 
-def shape_checks_on() -> bool:
-    """Whether SP's forward all-gathers / reduce-scatters are preceded by comm.checks' shape agreement (one
-    tiny all-gather each), as the layers run it: on unless SHARDWISE_CHECK_SHAPES=0."""
-    return os.environ.get("SHARDWISE_CHECK_SHAPES") != "0"
-
-
 def _shape_check(part: str, tp: int) -> list[Op]:
-    """checks.check_same_shape: an all-gather of one [1 + 8] int64 row per rank before a checked collective."""
+    """checks.check_same_shape, as the layers run it before SP's forward all-gathers / reduce-scatters: an
+    all-gather of one int64 row per rank (none with SHARDWISE_CHECK_SHAPES=0)."""
     return [Op(part, "coll", op="all_gather", nbytes=SHAPE_ROW_BYTES * tp, phase="fwd")] if shape_checks_on() else []
 
 
