@@ -35,9 +35,6 @@ def _issue(op: str, src: torch.Tensor, g: int, group) -> None:
         dist.reduce_scatter_single(torch.empty(src.numel() // g), src, group=group)
 
 
-COMPUTE_GAP_S = 0.0  # compute before each timed collective (seconds): see sweep() for why 0 by default
-
-
 def compute_for(seconds: float, x: torch.Tensor, w: torch.Tensor) -> None:
     """Busy this rank's core with GEMMs for `seconds` (the same time on every rank, so ranks arrive together)."""
     end = time.perf_counter() + seconds
@@ -45,7 +42,7 @@ def compute_for(seconds: float, x: torch.Tensor, w: torch.Tensor) -> None:
         F.linear(x, w)
 
 
-def sweep(op: str, sizes: list[int], reps: list[int], g: int, group, gap_s: float = COMPUTE_GAP_S,
+def sweep(op: str, sizes: list[int], reps: list[int], g: int, group,
           barrier: bool = True) -> list[list[tuple[float, float]]]:  # fmt: skip
     """This rank's (start, end) of every timed call, per size. sizes: full-tensor bytes (fp32, rounded to a
     multiple of 4*g by the caller). All ranks of the world call this at once, each with its own group.
@@ -53,12 +50,11 @@ def sweep(op: str, sizes: list[int], reps: list[int], g: int, group, gap_s: floa
     The sizes are interleaved round-robin (rep 1 of every size, then rep 2, ...), not one size's calls back to
     back: gloo's slow calls come in bursts (a scheduler hiccup stalls several calls in a row), and one size's
     calls in a row caught 0 or 5 of them (means 0.44 vs 2.26 ms for 8 vs 16 bytes); interleaved, every size
-    sees the same share. `gap_s` of compute (a GEMM loop) before each call was tried as "how a step issues
+    sees the same share. A compute gap (a 1 ms GEMM loop) before each call was tried as "how a step issues
     them": in the fabric lab it matched 2 ranks (64 KiB all-reduce, slowest rank's mean: unshaped 2.08 ms vs
     the step's 1.5-1.9; 100mbit 4.7 vs 4.4, where back to back says 5.6: a token bucket refills during compute)
     but with 4 ranks on 2 cores it inflated every collective 35-60% over the steps' (busy-looping ranks starve
-    gloo's threads), and the lab's step predictions were worse overall (19 of 40 within 15% vs 24), so 0."""
-    x, w = torch.randn(64, 256), torch.randn(256, 256)
+    gloo's threads), and the lab's step predictions were worse overall (19 of 40 within 15% vs 24): none."""
     tensors = []
     for nbytes in sizes:
         numel = nbytes // 4
@@ -74,7 +70,6 @@ def sweep(op: str, sizes: list[int], reps: list[int], g: int, group, gap_s: floa
         for i, base in enumerate(tensors):
             if rep >= reps[i]:
                 continue
-            compute_for(gap_s, x, w)
             src = base.mul(1.0)  # produced by compute just before, a fresh tensor, as in a layer
             start = time.perf_counter()
             _issue(op, src, g, group)
