@@ -107,10 +107,6 @@ def scaled_links(cal: dict, factor: float, classes=("inter",)) -> dict:
             continue
         for sizes in ops.values():
             for fit in sizes.values():
-                if "residuals" not in fit and fit.get("points"):  # the shape at the measured rate, before scaling
-                    from shardwise.planner.calibration import size_residuals
-
-                    fit["residuals"] = size_residuals(fit)
                 for name in ("beta_s_per_byte",) + (("alpha_s",) if classes is None else ()):
                     if name in fit:
                         fit[name] *= factor

@@ -111,13 +111,12 @@ def phase_times(ops: list[Op], cfg: ModelConfig, hw: Hardware, tp_span: GroupSpa
         else:
             t = hw.collective(op.op, op.nbytes, tp_span)
             # the compute after a blocking collective runs slower (calibration: post_collective_s); 0 on GPUs
-            penalty = hw.post_collective_s if tp_span.size > 1 else 0.0
             if op.phase == "fwd":
                 out.fwd_comm += t
-                out.fwd_compute += penalty
+                out.fwd_compute += hw.post_collective_s
             else:
                 out.bwd_comm += t
-                out.bwd_compute += penalty
+                out.bwd_compute += hw.post_collective_s
                 if op.hideable and op.part in ("attn", "mlp"):  # the overlapped column layers
                     hideable[op.part] = hideable.get(op.part, 0.0) + t
     if hw.skew_per_compute and tp_span.size > 1 and (out.fwd_comm or out.bwd_comm):
