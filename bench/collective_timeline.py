@@ -70,8 +70,7 @@ def run(args, layout: dict) -> dict | None:
     wall = time.perf_counter() - t0
     events.remove_observer(rec)
     everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, {"calls": rec.calls, "tp_rank": mesh.tp_rank, "dp_rank": mesh.dp_rank,
-                                      "wall": wall})
+    dist.all_gather_object(everyone, {"calls": rec.calls, "dp_rank": mesh.dp_rank, "wall": wall})
     shardwise.mesh.destroy_mesh()
     if dist.get_rank() != 0:
         return None
