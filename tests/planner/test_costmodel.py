@@ -290,6 +290,14 @@ def test_a_fit_with_measured_residuals_bends_the_line_at_measured_sizes():
     slower = {**f, "beta_s_per_byte": 2e-8}
     assert fit_time(slower, 65536) - fit_time(f, 65536) == pytest.approx(1e-8 * 65536, rel=1e-9)
     assert fit_time({**f, "residuals": [[4, -1.0]]}, 4) == 0.0
+    # past the largest size, time grows at the measured tail's slope (tail_beta_ratio x beta), not the line's:
+    # the line fitted through 8 B..4 MiB said 6.0 ns/B, the lab's 1 -> 4 MiB segment 8.6 (so did 7 MB, probed)
+    tail = {**f, "tail_beta_ratio": 1.5}
+    assert fit_time(tail, 2**26) == pytest.approx(line(2**26) + 1e-3 + 0.5 * 1e-8 * (2**26 - 2**22), rel=1e-12)
+    assert fit_time(tail, 2**22) == pytest.approx(fit_time(f, 2**22), rel=1e-12)  # inside: the residuals alone
+    slower_tail = {**tail, "beta_s_per_byte": 2e-8}  # a 2x slower link: the whole bytes-time beyond doubles
+    beyond = lambda g: fit_time(g, 2**26) - fit_time(g, 2**22)  # noqa: E731
+    assert beyond(slower_tail) == pytest.approx(2 * beyond(tail), rel=1e-12)
     # and the model uses it where the calibration measured exactly the group: it reaches a layer's comm
     hw = from_calibration(_fake_calibration())
     key = ("intra", "all_reduce", 2)

@@ -199,7 +199,8 @@ def _contention(fit: dict, span: GroupSpan) -> float:
 def fit_time(fit: dict, nbytes: float) -> float:
     """Seconds of one collective of `nbytes` from a calibration's fit: alpha + beta * n, plus what the line
     missed at the measured sizes (fit["residuals"]: [[bytes, measured - line seconds]] written by the calibration,
-    interpolated in log bytes, held at the ends), never below 0. The straight line alone misses what is not linear
+    interpolated in log bytes, held at the smallest size; past the largest, growing at the measured tail's slope:
+fit["tail_beta_ratio"] x beta), never below 0. The straight line alone misses what is not linear
     in n: a token bucket lets a message under its burst pass at the wire's speed after compute (the lab at
     100mbit: 64 KiB in 3.3 ms where the line through 4 MiB says 5.3), as protocol switches do on real fabrics
     (NCCL's LL / LL128 / Simple). A fit whose beta was scaled (a slower live link, adaptive/replanner.py) adds
@@ -215,7 +216,10 @@ def fit_time(fit: dict, nbytes: float) -> float:
     for (x0, r0), (x1, r1) in zip(pts, pts[1:], strict=False):
         if x <= x1:
             return max(line + r0 + (r1 - r0) * (x - x0) / (x1 - x0), 0.0)
-    return max(line + pts[-1][1], 0.0)
+    # past the largest size: the last residual, plus the tail's extra slope (fit["tail_beta_ratio"], relative to
+    # beta so that a scaled beta scales it too)
+    extra = (fit.get("tail_beta_ratio", 1.0) - 1.0) * fit["beta_s_per_byte"] * (nbytes - max(n for n, _ in residuals))
+    return max(line + pts[-1][1] + extra, 0.0)
 
 
 def tiled_gemm_s(hw: Hardware, m: int, k: int, n: int) -> float:
