@@ -31,6 +31,26 @@ def _uneven_tokens():
     row = shardwise.RowParallelLinear(8, 4, sequence_parallel=True, overlap=True, chunks=2, mesh=mesh)
     with pytest.raises(ValueError, match=r"rank 0: \[8\], rank 1: \[6\]"):  # token dims only (features: shards)
         row(torch.ones(8 - 2 * mesh.tp_rank, 4))
+    # the modules check their entry and skip the checks whose shapes follow from it (checks.shapes_agreed): a
+    # token-count mismatch still raises at the entry, on every rank, for the MLP, a block and GPT (ids of 6 vs 4)
+    from shardwise.nn import GPT, GPTConfig, ParallelMLP, ParallelTransformerBlock
+
+    mlp = ParallelMLP(4, 8, sequence_parallel=True, mesh=mesh)
+    with pytest.raises(ValueError, match=rf"all_gather '{mlp.up.tag}' \(fwd\).*{sizes}"):
+        mlp(torch.ones(n, 4))
+    block = ParallelTransformerBlock(4, 2, sequence_parallel=True, mesh=mesh)
+    with pytest.raises(ValueError, match=r"rank 0: \[7, 1, 4\], rank 1: \[6, 1, 4\]"):
+        block(torch.ones(n, 1, 4))
+    gpt = GPT(GPTConfig(vocab_size=16, hidden=8, num_layers=1, num_heads=2, sequence_parallel=True),
+              mesh=mesh)  # fmt: skip
+    # the embedding's reduce-scatter moves [s, b, hidden + 1]: the rows and a verdict column
+    with pytest.raises(ValueError, match=r"reduce_scatter .*rank 0: \[6, 1, 9\], rank 1: \[4, 1, 9\]"):
+        gpt(torch.zeros(1, 6 - 2 * mesh.tp_rank, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="inside"):  # a raise inside the region leaves it: checks are back
+        with checks.shapes_agreed():
+            raise RuntimeError("inside")
+    with pytest.raises(ValueError, match=sizes):
+        comm.gather_from_sp(torch.ones(n, 4), mesh)
     # the same count everywhere, but not a multiple of tp: every rank raises the same error
     with pytest.raises(ValueError, match=r"splits dim 0 \(7 tokens\) across tp=2"):
         comm.reduce_scatter_to_sp(torch.ones(7, 4), mesh)

@@ -4,8 +4,15 @@
                        sequence-parallel token count may differ between ranks: gloo aborts the process on a size
                        mismatch, "Received data size doesn't match expected size", and NCCL hangs or corrupts)
                        It costs one tiny collective (~0.6 ms on gloo/CPU; on NCCL also a host sync) per checked op,
-                       about 4 per sequence-parallel block forward; SHARDWISE_CHECK_SHAPES=0 skips it once a run is
+                       one per SP module forward (see shapes_agreed); SHARDWISE_CHECK_SHAPES=0 skips it once a run is
                        known good (a token-count mismatch then crashes in gloo or hangs until the timeout).
+    shapes_agreed      a region (a context) inside which shape checks are skipped because every collective input's
+                       shape follows from shapes already agreed in the same forward: ParallelMLP and the attention
+                       check their entry all-gather and skip their exit reduce-scatter (its [s, b, h] input is made
+                       from the gathered [s, b, ...] by same-shaped weights); GPT checks its embedding's
+                       reduce-scatter (the ids) and runs every block and the head inside the region. So an SP
+                       forward pays one check per module call, not one per collective (GPT: one per forward, not
+                       4 per block + 2). The debug mode's fingerprints are never skipped.
     agree              the debug mode (SHARDWISE_DEBUG_COLLECTIVES=1 or init_mesh(debug=True)): before every
                        collective, ranks exchange a fingerprint (sequence number, op, shape, dtype, layer tag, phase,
                        call site) over the collective's own group and raise naming the first divergence
@@ -19,18 +26,21 @@ all_gather_object per collective: a debugging tool, off by default.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import threading
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["SHAPE_ROW_NUMEL", "before", "check_same_shape", "debugging", "shape_checks_on"]
+__all__ = ["SHAPE_ROW_NUMEL", "before", "check_same_shape", "debugging", "shape_checks_on", "shapes_agreed"]
 
 _MAX_DIMS = 8  # shapes are exchanged as fixed-size int64 rows: [ndim, d0, ..., d7]
 SHAPE_ROW_NUMEL = 1 + _MAX_DIMS
 _sequence: dict[int, int] = {}  # id(group) -> collectives issued on it so far (debug mode)
+_region = threading.local()  # .depth > 0: inside shapes_agreed (per thread: a server's threads run their own forwards)
 
 
 def debugging(flag: bool = False) -> bool:
@@ -61,7 +71,7 @@ def before(
     if debugging(debug):
         agree(op, shape, source.dtype, group, group_size, tag, phase)
         return "debug_check"
-    if check_shape and shape_checks_on():
+    if check_shape and shape_checks_on() and not getattr(_region, "depth", 0):
         check_same_shape(shape, group, group_size, f"{op} {tag!r} ({phase})")
         return "shape_check"
     return None
@@ -70,6 +80,23 @@ def before(
 def shape_checks_on() -> bool:
     """Whether checked collectives agree on shapes first: on unless SHARDWISE_CHECK_SHAPES=0 (read per call)."""
     return os.environ.get("SHARDWISE_CHECK_SHAPES") != "0"
+
+
+def shapes_agreed():
+    """A context inside which shape checks are skipped: the caller vouches that each collective input's shape
+    follows from shapes the ranks already agreed on in this forward (an earlier checked collective, then ops
+    whose output shapes depend only on their input shapes and on weights of the same global shape). Only a
+    module that owns that whole path enters it (nn/mlp.py, nn/attention.py, nn/gpt.py); nesting is fine.
+    Under torch.compile nothing is checked anyway (every rank traces the same shapes): a null context."""
+    return contextlib.nullcontext() if torch.compiler.is_compiling() else _AgreedRegion()
+
+
+class _AgreedRegion:
+    def __enter__(self):
+        _region.depth = getattr(_region, "depth", 0) + 1
+
+    def __exit__(self, *exc):
+        _region.depth -= 1
 
 
 def check_same_shape(shape: tuple[int, ...], group, group_size: int, what: str) -> None:

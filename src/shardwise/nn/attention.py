@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import rng
+from ..comm.checks import shapes_agreed
 from ..heads import head_shards, layout_hint
 from ..layers import ColumnParallelLinear, RowParallelLinear
 from ..layers.linear import column_linear
@@ -132,4 +133,5 @@ class ParallelAttention(nn.Module):
             visible = torch.arange(s, device=q.device)[:, None] + past >= torch.arange(past + s, device=q.device)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
         out = out.permute(2, 0, 1, 3).reshape(s, b, lay.q_heads * self.head_dim)
-        return self.o_proj(out)
+        with shapes_agreed():  # the exit's [s, b, hidden] follows from the entry's checked gather
+            return self.o_proj(out)

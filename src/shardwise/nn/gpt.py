@@ -86,14 +86,17 @@ class GPT(nn.Module):
         x = rng.dropout(x, cfg.dropout, self.training, mesh, sharded=cfg.sequence_parallel)
         if caches is not None and (cfg.sequence_parallel or len(caches) != len(self.blocks)):
             raise ValueError("caches need one KVCache per block and sequence_parallel=False (decode tokens one by one)")
-        for i, block in enumerate(self.blocks):
-            x = block(x, None if caches is None else caches[i])
-        x = self.norm(x)
-        if cfg.sequence_parallel:  # the lm_head's input collective: all-gather | reduce-scatter
-            x = comm.gather_from_sp(x, mesh, "lm_head")
-        head = self._lm_head[0]
-        head.weight = self.embed.weight  # re-tied each call: a load or .to() may have replaced the Parameter
-        logits = head(x)  # [s, b, V'/tp], tied to the embedding
+        # every later SP collective's input is [s or s/tp, b, ...] of the ids' shape the embedding's checked
+        # reduce-scatter agreed on: no further shape checks in this forward (comm/checks.py)
+        with comm.checks.shapes_agreed():
+            for i, block in enumerate(self.blocks):
+                x = block(x, None if caches is None else caches[i])
+            x = self.norm(x)
+            if cfg.sequence_parallel:  # the lm_head's input collective: all-gather | reduce-scatter
+                x = comm.gather_from_sp(x, mesh, "lm_head")
+            head = self._lm_head[0]
+            head.weight = self.embed.weight  # re-tied each call: a load or .to() may have replaced the Parameter
+            logits = head(x)  # [s, b, V'/tp], tied to the embedding
         if targets is None:
             return logits.transpose(0, 1)
         if targets.shape != ids.shape:

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..comm.checks import shapes_agreed
 from ..layers import ColumnParallelLinear, RowParallelLinear
 from ..layers.linear import column_linear
 from ..mesh import Mesh, resolve
@@ -37,5 +38,8 @@ class ParallelMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation == "swiglu":  # gate and up share one input collective
             gate, up = column_linear(x, self.gate, self.up)
-            return self.down(F.silu(gate) * up)
-        return self.down(F.gelu(self.up(x)))
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(self.up(x))
+        with shapes_agreed():  # the exit's [s, b, hidden] follows from the entry's checked gather
+            return self.down(h)

@@ -190,8 +190,9 @@ def _norm(cfg: ModelConfig, part: str, t: int, sp: bool, tp: int) -> list[Op]:
 
 
 def _shape_check(part: str, tp: int) -> list[Op]:
-    """checks.check_same_shape, as the layers run it before SP's forward all-gathers / reduce-scatters: an
-    all-gather of one int64 row per rank (none with SHARDWISE_CHECK_SHAPES=0)."""
+    """checks.check_same_shape, as GPT runs it under SP: once per forward, before the embedding's reduce-scatter
+    (every later collective runs in comm.checks.shapes_agreed): an all-gather of one int64 row per rank (none
+    with SHARDWISE_CHECK_SHAPES=0)."""
     return [Op(part, "coll", op="all_gather", nbytes=SHAPE_ROW_BYTES * tp, phase="fwd")] if shape_checks_on() else []
 
 
@@ -207,9 +208,8 @@ def _entry(part: str, nbytes: float, sp: bool, tp: int) -> list[Op]:
     if tp == 1:
         return []
     if sp:
-        return _shape_check(part, tp) + [Op(part, "coll", op="all_gather", nbytes=nbytes, phase="fwd"),
-                                         Op(part, "coll", op="reduce_scatter", nbytes=nbytes, phase="bwd",
-                                            hideable=True)]  # fmt: skip
+        return [Op(part, "coll", op="all_gather", nbytes=nbytes, phase="fwd"),
+                Op(part, "coll", op="reduce_scatter", nbytes=nbytes, phase="bwd", hideable=True)]
     return [Op(part, "coll", op="all_reduce", nbytes=nbytes, phase="bwd", hideable=True)]
 
 
@@ -220,8 +220,7 @@ def _exit(cfg: ModelConfig, part: str, L: Local, sp: bool, tp: int) -> list[Op]:
     nbytes = L.tokens * h * e
     if tp == 1:
         return []
-    ops = _shape_check(part, tp) if sp else []
-    ops.append(Op(part, "coll", op="reduce_scatter" if sp else "all_reduce", nbytes=nbytes, phase="fwd"))
+    ops = [Op(part, "coll", op="reduce_scatter" if sp else "all_reduce", nbytes=nbytes, phase="fwd")]
     if sp:
         ops.append(Op(part, "coll", op="all_gather", nbytes=nbytes, phase="bwd"))
     if cfg.bias:  # y + bias: read 2 write 1; bwd: bias grad = sum of dy over tokens (under SP: sp_grad_sync)
