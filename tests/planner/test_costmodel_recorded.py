@@ -36,101 +36,92 @@ KNOWN_MISSES: dict[str, str] = {  # block-scaling-2026-12-06.json, planner-2026-
         'block: comm 23.4 ms predicted vs 55.5 ms measured; block: R 0.30 predicted vs 0.88 measured; step '
         '100.2 ms predicted vs 118.4 ms measured (-15%)',
     '2x1@unshaped-tp2dp1-tp-inner':
-        'blocks.0: comm 17.9 ms predicted vs 35.5 ms measured; blocks.0: R 1.23 predicted vs 1.83 measured; '
-        'blocks.1: comm 17.9 ms predicted vs 32.7 ms measured; blocks.1: R 1.23 predicted vs 1.70 measured; '
-        'step 94.5 ms predicted vs 137.8 ms measured (-31%)',
+        'blocks.0: R 1.57 predicted vs 1.08 measured; blocks.1: R 1.57 predicted vs 1.00 measured',
     '2x1@unshaped-tp2dp1-tp-inner+sp':
-        'blocks.0: comm 39.8 ms predicted vs 67.7 ms measured; blocks.1: comm 39.8 ms predicted vs 71.7 ms '
-        'measured; blocks.1: R 2.41 predicted vs 3.33 measured; step 161.2 ms predicted vs 244.4 ms measured '
-        '(-34%)',
-    '2x1@1gbit-tp1dp2-tp-inner':
-        'step 82.5 ms predicted vs 109.9 ms measured (-25%)',
+        'blocks.0: R 1.94 predicted vs 1.51 measured; blocks.1: R 1.94 predicted vs 1.46 measured; step 173.1'
+        ' ms predicted vs 213.3 ms measured (-19%)',
     '2x1@1gbit-tp2dp1-tp-inner':
-        'blocks.0: comm 40.3 ms predicted vs 31.3 ms measured; blocks.0: R 2.41 predicted vs 1.65 measured; '
-        'blocks.1: comm 40.3 ms predicted vs 21.3 ms measured; blocks.1: R 2.41 predicted vs 1.19 measured',
+        'blocks.0: R 2.08 predicted vs 1.55 measured; blocks.1: comm 42.7 ms predicted vs 30.6 ms measured; '
+        'blocks.1: R 2.08 predicted vs 1.03 measured',
     '2x1@1gbit-tp2dp1-tp-inner+sp':
-        'blocks.0: comm 57.6 ms predicted vs 86.4 ms measured; blocks.1: comm 57.6 ms predicted vs 78.3 ms '
-        'measured',
+        'blocks.0: R 2.62 predicted vs 1.59 measured; blocks.1: R 2.62 predicted vs 2.04 measured',
     '2x1@300mbit-tp2dp1-tp-inner':
-        'blocks.0: comm 36.7 ms predicted vs 25.6 ms measured; blocks.0: R 2.42 predicted vs 1.30 measured; '
-        'blocks.1: R 2.42 predicted vs 1.76 measured',
+        'blocks.0: comm 38.3 ms predicted vs 22.5 ms measured; blocks.0: R 2.40 predicted vs 1.17 measured; '
+        'blocks.1: R 2.40 predicted vs 1.70 measured',
     '2x1@300mbit-tp2dp1-tp-inner+sp':
-        'blocks.0: R 4.24 predicted vs 2.85 measured; blocks.1: R 4.24 predicted vs 2.75 measured',
+        'blocks.0: R 3.22 predicted vs 2.13 measured',
+    '2x1@100mbit-tp2dp1-tp-inner':
+        'blocks.0: R 3.42 predicted vs 2.37 measured; blocks.1: R 3.42 predicted vs 2.46 measured',
     '2x1@100mbit-tp2dp1-tp-inner+sp':
-        'step 301.3 ms predicted vs 366.7 ms measured (-18%)',
-    '2x2@unshaped-tp1dp4-tp-inner':
-        'step 56.1 ms predicted vs 82.9 ms measured (-32%)',
+        'step 301.7 ms predicted vs 370.6 ms measured (-19%)',
     '2x2@unshaped-tp2dp2-tp-inner':
-        'blocks.0: comm 11.2 ms predicted vs 21.4 ms measured; blocks.0: R 0.73 predicted vs 2.10 measured; '
-        'blocks.1: comm 11.2 ms predicted vs 24.7 ms measured; blocks.1: R 0.73 predicted vs 2.57 measured; '
-        'step 80.4 ms predicted vs 103.4 ms measured (-22%)',
+        'blocks.0: comm 17.1 ms predicted vs 25.6 ms measured; blocks.0: R 0.90 predicted vs 1.82 measured; '
+        'blocks.1: comm 17.1 ms predicted vs 26.7 ms measured; blocks.1: R 0.90 predicted vs 2.07 measured',
     '2x2@unshaped-tp2dp2-tp-inner+sp':
-        'blocks.0: comm 26.5 ms predicted vs 43.0 ms measured; blocks.0: R 1.36 predicted vs 3.43 measured; '
-        'blocks.1: comm 26.5 ms predicted vs 37.6 ms measured; blocks.1: R 1.36 predicted vs 3.40 measured; '
-        'step 132.0 ms predicted vs 180.6 ms measured (-27%)',
+        'blocks.0: comm 24.3 ms predicted vs 33.5 ms measured; blocks.0: R 1.08 predicted vs 2.49 measured; '
+        'blocks.1: R 1.08 predicted vs 2.44 measured',
     '2x2@unshaped-tp2dp2-dp-inner':
-        'blocks.0: comm 11.7 ms predicted vs 25.7 ms measured; blocks.0: R 0.76 predicted vs 2.45 measured; '
-        'blocks.1: comm 11.7 ms predicted vs 18.6 ms measured; blocks.1: R 0.76 predicted vs 1.82 measured; '
-        'step 80.4 ms predicted vs 109.4 ms measured (-27%)',
+        'blocks.0: comm 16.5 ms predicted vs 34.5 ms measured; blocks.0: R 0.87 predicted vs 2.86 measured; '
+        'blocks.1: comm 16.5 ms predicted vs 22.4 ms measured; blocks.1: R 0.87 predicted vs 1.87 measured; '
+        'step 103.8 ms predicted vs 134.9 ms measured (-23%)',
     '2x2@unshaped-tp2dp2-dp-inner+sp':
-        'blocks.0: comm 28.3 ms predicted vs 43.6 ms measured; blocks.0: R 1.45 predicted vs 3.55 measured; '
-        'blocks.1: comm 28.3 ms predicted vs 43.6 ms measured; blocks.1: R 1.45 predicted vs 3.74 measured; '
-        'step 135.5 ms predicted vs 188.9 ms measured (-28%)',
+        'blocks.0: comm 22.7 ms predicted vs 37.8 ms measured; blocks.0: R 1.02 predicted vs 2.70 measured; '
+        'blocks.1: comm 22.7 ms predicted vs 36.3 ms measured; blocks.1: R 1.02 predicted vs 2.77 measured; '
+        'step 134.7 ms predicted vs 172.3 ms measured (-22%)',
+    '2x2@unshaped-tp4dp1-tp-inner':
+        'step 367.4 ms predicted vs 302.5 ms measured (+21%)',
     '2x2@unshaped-tp4dp1-tp-inner+sp':
-        'step 659.2 ms predicted vs 508.6 ms measured (+30%)',
+        'step 548.0 ms predicted vs 455.1 ms measured (+20%)',
     '2x2@1gbit-tp1dp4-tp-inner':
-        'step 105.2 ms predicted vs 135.2 ms measured (-22%)',
+        'step 111.9 ms predicted vs 133.7 ms measured (-16%)',
     '2x2@1gbit-tp2dp2-tp-inner':
-        'blocks.0: comm 13.3 ms predicted vs 31.1 ms measured; blocks.0: R 0.87 predicted vs 2.48 measured; '
-        'blocks.1: comm 13.3 ms predicted vs 22.6 ms measured; blocks.1: R 0.87 predicted vs 1.99 measured; '
-        'step 123.4 ms predicted vs 151.3 ms measured (-18%)',
+        'blocks.0: comm 10.7 ms predicted vs 22.1 ms measured; blocks.0: R 0.61 predicted vs 1.99 measured; '
+        'blocks.1: comm 10.7 ms predicted vs 22.5 ms measured; blocks.1: R 0.61 predicted vs 2.13 measured',
     '2x2@1gbit-tp2dp2-tp-inner+sp':
-        'blocks.0: comm 31.8 ms predicted vs 44.0 ms measured; blocks.0: R 1.64 predicted vs 3.13 measured; '
-        'blocks.1: R 1.64 predicted vs 3.10 measured; step 178.4 ms predicted vs 236.1 ms measured (-24%)',
+        'blocks.0: comm 17.8 ms predicted vs 30.6 ms measured; blocks.0: R 0.86 predicted vs 2.17 measured; '
+        'blocks.1: comm 17.8 ms predicted vs 33.7 ms measured; blocks.1: R 0.86 predicted vs 2.85 measured; '
+        'step 165.5 ms predicted vs 217.5 ms measured (-24%)',
     '2x2@1gbit-tp2dp2-dp-inner':
-        'blocks.0: comm 17.8 ms predicted vs 23.9 ms measured; blocks.0: R 1.16 predicted vs 2.19 measured; '
-        'blocks.1: R 1.16 predicted vs 2.04 measured; step 99.5 ms predicted vs 123.6 ms measured (-19%)',
+        'blocks.0: comm 18.2 ms predicted vs 29.3 ms measured; blocks.0: R 1.03 predicted vs 2.48 measured; '
+        'blocks.1: comm 18.2 ms predicted vs 28.6 ms measured; blocks.1: R 1.03 predicted vs 2.23 measured',
     '2x2@1gbit-tp2dp2-dp-inner+sp':
-        'blocks.0: R 2.07 predicted vs 3.47 measured; blocks.1: R 2.07 predicted vs 3.91 measured',
+        'blocks.0: R 1.35 predicted vs 2.53 measured; blocks.1: comm 27.9 ms predicted vs 38.2 ms measured; '
+        'blocks.1: R 1.35 predicted vs 3.15 measured',
+    '2x2@1gbit-tp4dp1-tp-inner':
+        'step 369.3 ms predicted vs 300.3 ms measured (+23%)',
     '2x2@1gbit-tp4dp1-tp-inner+sp':
-        'blocks.0: comm 206.2 ms predicted vs 160.6 ms measured; blocks.1: comm 206.2 ms predicted vs 158.5 '
-        'ms measured; step 654.9 ms predicted vs 569.1 ms measured (+15%)',
+        'step 520.5 ms predicted vs 444.3 ms measured (+17%)',
     '2x2@300mbit-tp2dp2-tp-inner':
-        'blocks.0: comm 13.0 ms predicted vs 21.4 ms measured; blocks.0: R 1.00 predicted vs 1.68 measured; '
-        'blocks.1: comm 13.0 ms predicted vs 22.2 ms measured; blocks.1: R 1.00 predicted vs 1.89 measured; '
-        'step 213.6 ms predicted vs 318.8 ms measured (-33%)',
+        'blocks.0: comm 15.9 ms predicted vs 31.9 ms measured; blocks.0: R 0.81 predicted vs 1.83 measured; '
+        'blocks.1: comm 15.9 ms predicted vs 31.1 ms measured; blocks.1: R 0.81 predicted vs 1.81 measured; '
+        'step 266.3 ms predicted vs 340.1 ms measured (-22%)',
     '2x2@300mbit-tp2dp2-tp-inner+sp':
-        'blocks.0: R 1.72 predicted vs 3.25 measured; blocks.1: comm 30.6 ms predicted vs 41.5 ms measured; '
-        'blocks.1: R 1.72 predicted vs 3.46 measured; step 268.5 ms predicted vs 372.7 ms measured (-28%)',
-    '2x2@300mbit-tp2dp2-dp-inner':
-        'blocks.0: comm 43.0 ms predicted vs 19.1 ms measured; blocks.0: R 3.30 predicted vs 1.69 measured; '
-        'blocks.1: comm 43.0 ms predicted vs 23.7 ms measured; blocks.1: R 3.30 predicted vs 2.40 measured; '
-        'step 164.1 ms predicted vs 119.9 ms measured (+37%)',
+        'blocks.0: comm 21.4 ms predicted vs 42.2 ms measured; blocks.0: R 0.92 predicted vs 1.81 measured; '
+        'blocks.1: comm 21.4 ms predicted vs 48.8 ms measured; blocks.1: R 0.92 predicted vs 2.26 measured; '
+        'step 292.3 ms predicted vs 399.1 ms measured (-27%)',
     '2x2@300mbit-tp2dp2-dp-inner+sp':
-        'blocks.0: comm 69.9 ms predicted vs 49.8 ms measured; blocks.1: comm 69.9 ms predicted vs 40.8 ms '
-        'measured; step 251.3 ms predicted vs 174.0 ms measured (+44%)',
-    '2x2@300mbit-tp4dp1-tp-inner':
-        'step 312.2 ms predicted vs 251.1 ms measured (+24%)',
-    '2x2@300mbit-tp4dp1-tp-inner+sp':
-        'blocks.0: comm 204.9 ms predicted vs 160.4 ms measured; blocks.1: comm 204.9 ms predicted vs 159.7 '
-        'ms measured; step 643.9 ms predicted vs 480.9 ms measured (+34%)',
+        'blocks.0: comm 54.7 ms predicted vs 41.7 ms measured; blocks.1: comm 54.7 ms predicted vs 42.3 ms '
+        'measured; step 231.1 ms predicted vs 179.5 ms measured (+29%)',
     '2x2@100mbit-tp2dp2-tp-inner':
-        'blocks.0: comm 14.9 ms predicted vs 24.3 ms measured; blocks.0: R 0.82 predicted vs 1.33 measured; '
-        'blocks.1: comm 14.9 ms predicted vs 23.9 ms measured; blocks.1: R 0.82 predicted vs 1.36 measured',
+        'blocks.0: comm 16.1 ms predicted vs 28.7 ms measured; blocks.0: R 1.03 predicted vs 1.40 measured; '
+        'blocks.1: comm 16.1 ms predicted vs 25.7 ms measured; blocks.1: R 1.03 predicted vs 1.40 measured; '
+        'step 615.0 ms predicted vs 769.8 ms measured (-20%)',
     '2x2@100mbit-tp2dp2-tp-inner+sp':
-        'blocks.0: comm 30.2 ms predicted vs 55.8 ms measured; blocks.0: R 1.10 predicted vs 2.59 measured; '
-        'blocks.1: comm 30.2 ms predicted vs 56.8 ms measured; blocks.1: R 1.10 predicted vs 2.90 measured',
+        'blocks.0: comm 20.3 ms predicted vs 40.0 ms measured; blocks.0: R 1.16 predicted vs 1.79 measured; '
+        'blocks.1: comm 20.3 ms predicted vs 40.7 ms measured; blocks.1: R 1.16 predicted vs 2.01 measured; '
+        'step 632.6 ms predicted vs 871.8 ms measured (-27%)',
     '2x2@100mbit-tp2dp2-dp-inner':
-        'blocks.0: comm 90.9 ms predicted vs 67.0 ms measured; blocks.1: comm 90.9 ms predicted vs 61.9 ms '
-        'measured; blocks.1: R 4.97 predicted vs 3.41 measured; step 307.7 ms predicted vs 253.7 ms measured '
-        '(+21%)',
+        'blocks.0: comm 105.6 ms predicted vs 67.7 ms measured; blocks.0: R 6.76 predicted vs 4.07 measured; '
+        'blocks.1: comm 105.6 ms predicted vs 65.9 ms measured; blocks.1: R 6.76 predicted vs 3.86 measured; '
+        'step 337.2 ms predicted vs 251.0 ms measured (+34%)',
     '2x2@100mbit-tp2dp2-dp-inner+sp':
-        'blocks.0: comm 147.4 ms predicted vs 117.7 ms measured; blocks.1: comm 147.4 ms predicted vs 112.0 '
-        'ms measured; step 486.4 ms predicted vs 368.3 ms measured (+32%)',
+        'blocks.0: comm 147.6 ms predicted vs 104.5 ms measured; blocks.0: R 8.42 predicted vs 4.56 measured;'
+        ' blocks.1: comm 147.6 ms predicted vs 108.6 ms measured; blocks.1: R 8.42 predicted vs 4.73 '
+        'measured; step 469.6 ms predicted vs 374.2 ms measured (+25%)',
     '2x2@100mbit-tp4dp1-tp-inner':
-        'blocks.0: R 4.96 predicted vs 3.39 measured; blocks.1: R 4.96 predicted vs 3.27 measured',
+        'blocks.0: R 5.50 predicted vs 3.77 measured; blocks.1: R 5.50 predicted vs 3.47 measured',
     '2x2@100mbit-tp4dp1-tp-inner+sp':
-        'step 793.3 ms predicted vs 661.4 ms measured (+20%)',
+        'blocks.0: R 6.99 predicted vs 4.92 measured; blocks.1: R 6.99 predicted vs 5.11 measured',
 }
 # fmt: on
 
