@@ -74,7 +74,9 @@ class Profile:
         self._mark = (len(self.collectives), len(self.computes))
 
     def step(self, **extra) -> dict:
-        """Close a step: its wall time and the comm/compute inside it. Extra fields are kept."""
+        """Close a step: its wall time and the comm/compute inside it. Extra fields are kept. R is None when the
+        step reported nothing at all (a compiled model: its collectives and layers run inside the graph, where
+        no host clock reaches), not 0: nothing observed is not "no communication"."""
         now = time.perf_counter()
         first_collective, first_compute = self._mark
         # CUDA-timed events get their times now, once per step, not after every collective.
@@ -92,7 +94,7 @@ class Profile:
             "collectives": len(collectives),
             "computes": len(computes),
             "comm_bytes": sum(e.nbytes for e in collectives),
-            "R": comm_s / max(wall - comm_s, 1e-12),
+            "R": comm_s / max(wall - comm_s, 1e-12) if collectives or computes else None,
             **extra,
         }
         self.steps.append(record)

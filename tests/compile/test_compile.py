@@ -78,10 +78,21 @@ def _check(mesh, sp, backend):
     torch._dynamo.reset()
     seen = []  # an observer (the profiler's hook) attached: the compiled graph must not run its Python timing
     shardwise.comm.add_observer(seen.append, starts=True)
+    fn = torch.compile(model, fullgraph=True, backend=backend)
     try:
-        compiled = _run(model, mesh, ids, targets, torch.compile(model, fullgraph=True, backend=backend))
+        compiled = _run(model, mesh, ids, targets, fn)
     finally:
         shardwise.comm.remove_observer(seen.append)
+    # the profiler over one compiled step sees nothing (no host clock inside the graph): R is None, never a
+    # silent 0 ("no communication"); over the eager step R is a number, > 0 at tp 2
+    for forward, observable in ((fn, False), (model, True)):
+        with shardwise.profile(model) as prof:
+            prof.begin()
+            forward(ids, targets).backward()
+            record = prof.step()
+        assert (record["R"] is not None) == observable, (forward, record)
+        assert observable or record["collectives"] == record["computes"] == 0, record
+        assert not observable or mesh.tp_size == 1 or record["R"] > 0, record
     for what, run in (("eager", eager), (f"compiled {backend}", compiled)):
         where = f"tp={mesh.tp_size} sp={sp} {what}"
         loss, grads, after, loss2 = run

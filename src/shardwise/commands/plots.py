@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 
 def pyplot():
     import matplotlib
@@ -32,7 +34,8 @@ def steps_chart(steps: list[dict], path: str, title: str) -> str:
     ax.set_xlabel("step")
     ax.set_ylabel("ms")
     ratio = ax.twinx()
-    ratio.plot(xs, [s["R"] for s in steps], color="black", linewidth=0.8, label="R = comm/compute")
+    R = [math.nan if s["R"] is None else s["R"] for s in steps]  # None: nothing observed (a compiled step)
+    ratio.plot(xs, R, color="black", linewidth=0.8, label="R = comm/compute")
     ratio.set_ylabel("R")
     handles = ax.get_legend_handles_labels()[0] + ratio.get_legend_handles_labels()[0]
     ax.legend(handles, [h.get_label() for h in handles], loc="upper right")
