@@ -55,6 +55,9 @@ def test_generate_gpt_tiny_matches_dense():
 def test_unknown_model_is_a_clear_error():
     code, _, err = _shardwise("verify", "no-such-model")
     assert code == 2 and "unknown model 'no-such-model': use one of gpt-tiny, smollm2-135m" in err
+    for command in ("generate", "serve"):  # --compile compiles the fast decoder: refused with the general path
+        code, _, err = _shardwise(command, "gpt-tiny", "--engine", "model", "--compile")
+        assert code == 2 and "--compile applies to the fast decoder: drop --engine model" in err, (command, err)
 
 
 needs_smollm2 = pytest.mark.skipif(

@@ -273,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
             spec = resolve_spec(args.model)
         except (ValueError, ModuleNotFoundError) as exc:
             parser.error(str(exc))
+        if args.compile and args.engine == "model":  # generate and serve alike
+            parser.error("--compile applies to the fast decoder: drop --engine model")
         if args.command == "serve":
             from .serve import serve_main
 
@@ -290,8 +292,6 @@ def main(argv: list[str] | None = None) -> int:
             return verify_main(spec, cfg, args.model)
         from .generate import generate_main
 
-        if args.compile and args.engine == "model":
-            parser.error("--compile applies to the fast decoder: drop --engine model")
         if (args.threads is not None and args.threads < 1) or args.max_len < 2:
             parser.error(f"--threads must be >= 1 and --max-len >= 2, got {args.threads}, {args.max_len}")
         cfg = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
