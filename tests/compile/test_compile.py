@@ -122,7 +122,7 @@ def test_compiled_gpt_matches_eager_and_reference():
 
 def compile_ddp_checks():
     """train --compile at dp > 1: the GPT compiled in place (nn.Module.compile, as commands/train.py does), DDP
-    outside it over dp=2; each rank's half batch; DDP's averaged grads == the plain-torch RefGPT's on the whole batch."""
+    outside it over dp=2; each rank's half batch; DDP's averaged grads == RefGPT's on the whole batch."""
     from shardwise.data_parallel import wrap_ddp
 
     mesh = shardwise.init_mesh(1, 2)
