@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             spec = resolve_spec(args.model)
         except (ValueError, ModuleNotFoundError) as exc:
             parser.error(str(exc))
-        if args.compile and args.engine == "model":  # generate and serve alike
+        if getattr(args, "compile", False) and args.engine == "model":  # generate and serve (verify has neither)
             parser.error("--compile applies to the fast decoder: drop --engine model")
         if args.command == "serve":
             from .serve import serve_main
