@@ -185,10 +185,14 @@ def predict_rows(cal: dict, work: dict, rows: list[dict]) -> dict:
 def repredict(record: dict) -> dict:
     """The record's predictions (rows, picks, predicted crossovers) redone with today's model from its stored
     calibrations, measurements untouched: `--repredict FILE` after a cost-model change."""
+    from shardwise.planner.hardware import tail_beta_ratio
+
     work = record["workload"]
     for sc in record["scenarios"]:
         for res in sc["rates"].values():
-            derive_missing(res["calibration"])
+            for ops in res["calibration"].get("collectives", {}).values():  # derived from the points: today's rule
+                for fit in (f for sizes in ops.values() for f in sizes.values() if f.get("residuals")):
+                    fit["tail_beta_ratio"] = tail_beta_ratio(fit)
             res.update(predict_rows(res["calibration"], work, res["rows"]))
         cx = sc.get("crossover", {})
         if cx.get("changes"):
@@ -198,18 +202,6 @@ def repredict(record: dict) -> dict:
             cx["predicted_bits"] = predicted_crossover(sc["rates"][rate]["calibration"], rate, work, a, b, 20e6, 5e9)
             cx["ok"] = crossover_ok(cx["measured_bits"], cx["predicted_bits"])
     return record
-
-
-def derive_missing(cal: dict) -> None:
-    """Fields today's calibration derives from its points, added to an older record's fits that carry residuals
-    (the same rule as from_calibration: fits without residuals stay as they were measured)."""
-    from shardwise.planner.calibration import tail_beta_ratio
-
-    for ops in cal.get("collectives", {}).values():
-        for sizes in ops.values():
-            for fit in sizes.values():
-                if fit.get("residuals") and "tail_beta_ratio" not in fit:
-                    fit["tail_beta_ratio"] = tail_beta_ratio(fit)
 
 
 def crossover_ok(measured: float | None, predicted: float | None) -> bool:

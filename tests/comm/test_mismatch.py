@@ -43,9 +43,11 @@ def _uneven_tokens():
         block(torch.ones(n, 1, 4))
     gpt = GPT(GPTConfig(vocab_size=16, hidden=8, num_layers=1, num_heads=2, sequence_parallel=True),
               mesh=mesh)  # fmt: skip
-    # the embedding's reduce-scatter moves [s, b, hidden + 1]: the rows and a verdict column
-    with pytest.raises(ValueError, match=r"reduce_scatter .*rank 0: \[6, 1, 9\], rank 1: \[4, 1, 9\]"):
-        gpt(torch.zeros(1, 6 - 2 * mesh.tp_rank, dtype=torch.long))
+    for lengths in ((6, 4), (6, 5)):  # 5: tp does not divide it on rank 1 alone, which must not leave rank 0 waiting
+        with pytest.raises(ValueError, match=rf"rank 0: \[1, {lengths[0]}\], rank 1: \[1, {lengths[1]}\]"):
+            gpt(torch.zeros(1, lengths[mesh.tp_rank], dtype=torch.long))
+    with pytest.raises(ValueError, match=r"splits the sequence \(5 tokens\) over tp=2"):  # the same 5 everywhere
+        gpt(torch.zeros(1, 5, dtype=torch.long))
     with pytest.raises(RuntimeError, match="inside"):  # a raise inside the region leaves it: checks are back
         with checks.shapes_agreed():
             raise RuntimeError("inside")
@@ -127,3 +129,33 @@ def _swapped_checked():
 
 def test_swapped_collectives_silent_by_default_raise_in_debug_mode():
     assert shardwise.launch(_swapped_checked, 2) == [True, True]
+
+
+def test_an_agreed_region_skips_checks_in_its_own_thread_only(monkeypatch):
+    """checks.shapes_agreed is per thread: a serving thread inside a module's region must not switch off the shape
+    agreement of another thread's forward (no process group needed: check_same_shape is recorded, not run)."""
+    import threading
+
+    calls = []
+    monkeypatch.setattr(checks, "check_same_shape", lambda shape, *rest: calls.append(shape))
+    x, group = torch.ones(3, 4), object()
+    inside, go_on = threading.Event(), threading.Event()
+
+    def holder():
+        with checks.shapes_agreed():
+            checks.before("all_gather", x, group, 2, "held", "fwd", check_shape=True, debug=False)
+            inside.set()
+            go_on.wait(10)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    assert inside.wait(10)
+    try:
+        assert checks.before("all_gather", x, group, 2, "other", "fwd", check_shape=True, debug=False) == "shape_check"
+    finally:
+        go_on.set()
+        thread.join()
+    assert calls == [(3, 4)]  # the other thread's check ran; the holder's, inside its region, did not
+    with checks.shapes_agreed(), checks.shapes_agreed():  # nested, then left: checks are back
+        assert checks.before("all_gather", x, group, 2, "t", "fwd", check_shape=True, debug=False) is None
+    assert checks.before("all_gather", x, group, 2, "t", "fwd", check_shape=True, debug=False) == "shape_check"

@@ -292,7 +292,7 @@ def test_step_like_extras_residuals_penalty_and_contention(cal):
                 line = lambda n: f["alpha_s"] + f["beta_s_per_byte"] * n  # noqa: E731, B023
                 assert [[n, pytest.approx(t)] for n, t in f["points"]] == [[n, line(n) + r] for n, r in f["residuals"]]
                 (n0, t0), (n1, t1) = sorted(f["points"])[-2:]  # the tail: the marginal s/byte of the largest sizes
-                assert f["tail_beta_ratio"] == pytest.approx(max(t1 - t0, 0) / (n1 - n0) / f["beta_s_per_byte"])
+                assert f["tail_beta_ratio"] == pytest.approx(max((t1 - t0) / (n1 - n0) / f["beta_s_per_byte"], 1))
     import os
 
     if WORLD <= len(os.sched_getaffinity(0)):

@@ -280,7 +280,7 @@ def test_a_fit_with_measured_residuals_bends_the_line_at_measured_sizes():
     live link) adds its extra bytes-time in full."""
     from math import log
 
-    from shardwise.planner.hardware import fit_time
+    from shardwise.planner.hardware import fit_time, tail_beta_ratio
 
     f = {"alpha_s": 1e-3, "beta_s_per_byte": 1e-8, "residuals": [[1024, 0.0], [65536, -2e-4], [2**22, 1e-3]]}
     line = lambda n: 1e-3 + 1e-8 * n  # noqa: E731
@@ -301,6 +301,17 @@ def test_a_fit_with_measured_residuals_bends_the_line_at_measured_sizes():
     slower_tail = {**tail, "beta_s_per_byte": 2e-8}  # a 2x slower link: the whole bytes-time beyond doubles
     beyond = lambda g: fit_time(g, 2**26) - fit_time(g, 2**22)  # noqa: E731
     assert beyond(slower_tail) == pytest.approx(2 * beyond(tail), rel=1e-12)
+    # the ratio from the points: 1 -> 4 MiB at 8.6 ns/B over a 6.0 line; a flat (noisy) tail never goes below the
+    # line (a ratio of 0 would make every larger message cost the same); fewer than two sizes: 1
+    pts = [[2**20, 9e-3], [2**22, 9e-3 + 8.6e-9 * 3 * 2**20]]
+    assert tail_beta_ratio({"beta_s_per_byte": 6e-9, "points": pts}) == pytest.approx(8.6 / 6.0, rel=1e-9)
+    assert tail_beta_ratio({"beta_s_per_byte": 6e-9, "points": [pts[0], [2**22, 8e-3]]}) == 1.0
+    assert tail_beta_ratio({"beta_s_per_byte": 6e-9, "points": pts[:1]}) == 1.0
+    # a file written before the calibration stored the ratio gets it derived on load (fits that carry residuals)
+    cal = _fake_calibration()
+    older = cal["collectives"]["intra"]["all_reduce"]["2"]
+    older.update(residuals=[[n, 0.0] for n, _ in pts], points=pts, beta_s_per_byte=6e-9)
+    assert from_calibration(cal).fits[("intra", "all_reduce", 2)]["tail_beta_ratio"] == pytest.approx(8.6 / 6.0)
     # and the model uses it where the calibration measured exactly the group: it reaches a layer's comm
     hw = from_calibration(_fake_calibration())
     key = ("intra", "all_reduce", 2)

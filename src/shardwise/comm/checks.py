@@ -12,7 +12,9 @@
                        from the gathered [s, b, ...] by same-shaped weights); GPT checks its embedding's
                        reduce-scatter (the ids) and runs every block and the head inside the region. So an SP
                        forward pays one check per module call, not one per collective (GPT: one per forward, not
-                       4 per block + 2). The debug mode's fingerprints are never skipped.
+                       4 per block + 2). The debug mode's fingerprints are never skipped. The region vouches
+                       for shardwise's own modules only: a user's forward hook inside GPT's blocks that changes
+                       token counts per rank is not checked there (run with SHARDWISE_DEBUG_COLLECTIVES=1).
     agree              the debug mode (SHARDWISE_DEBUG_COLLECTIVES=1 or init_mesh(debug=True)): before every
                        collective, ranks exchange a fingerprint (sequence number, op, shape, dtype, layer tag, phase,
                        call site) over the collective's own group and raise naming the first divergence
@@ -92,6 +94,8 @@ def shapes_agreed():
 
 
 class _AgreedRegion:
+    """Counts nesting per thread (a server's threads run their own forwards: one's region is not another's)."""
+
     def __enter__(self):
         _region.depth = getattr(_region, "depth", 0) + 1
 

@@ -280,8 +280,9 @@ def _report(cfg: TrainConfig, data: torch.Tensor, result: dict) -> None:
 
 
 def _R_text(R: float | None) -> str:
+    """The median R as printed; None: not measurable (a compiled model at tp > 1, or nothing observed)."""
     if R is None:
-        return "n/a (compiled: the tp collectives run inside the graph, where the profiler cannot time them)"
+        return "n/a (compiled: the profiler cannot time collectives and layers inside the graph)"
     return f"{R:.2f}"
 
 

@@ -77,18 +77,22 @@ class GPT(nn.Module):
         if ids.dim() != 2:
             raise ValueError(f"ids must be [batch, seq], got shape {list(ids.shape)}")
         cfg, mesh = self.config, self.mesh
+        if cfg.sequence_parallel and not torch.compiler.is_compiling():  # (compiled: every rank traces one shape)
+            # the ranks agree on the ids' shape first (one tiny all-gather, reported as the embedding's): every
+            # later collective's shape follows from it, so the rest of the forward runs unchecked
+            # (comm.checks.shapes_agreed), and a length tp does not divide raises below on every rank alike
+            comm.before("reduce_scatter", ids, mesh.tp_group, mesh.tp_size, self.embed.tag, "fwd", check_shape=True,
+                        debug=mesh.debug)  # fmt: skip
         if cfg.sequence_parallel and ids.shape[1] % mesh.tp_size:
             raise ValueError(
                 f"sequence_parallel splits the sequence ({ids.shape[1]} tokens) over tp={mesh.tp_size}; "
                 f"use a sequence length that is a multiple of {mesh.tp_size}"
             )
-        x = self.embed(ids.t())  # [s, b, h] (sequence-parallel: [s/tp, b, h])
-        x = rng.dropout(x, cfg.dropout, self.training, mesh, sharded=cfg.sequence_parallel)
         if caches is not None and (cfg.sequence_parallel or len(caches) != len(self.blocks)):
             raise ValueError("caches need one KVCache per block and sequence_parallel=False (decode tokens one by one)")
-        # every later SP collective's input is [s or s/tp, b, ...] of the ids' shape the embedding's checked
-        # reduce-scatter agreed on: no further shape checks in this forward (comm/checks.py)
-        with comm.checks.shapes_agreed():
+        with comm.checks.shapes_agreed():  # every SP collective's input: [s or s/tp, b, ...] of the agreed ids
+            x = self.embed(ids.t())  # [s, b, h] (sequence-parallel: [s/tp, b, h])
+            x = rng.dropout(x, cfg.dropout, self.training, mesh, sharded=cfg.sequence_parallel)
             for i, block in enumerate(self.blocks):
                 x = block(x, None if caches is None else caches[i])
             x = self.norm(x)

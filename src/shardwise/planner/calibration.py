@@ -30,6 +30,7 @@ import shardwise
 from . import calibration_kernels as kernels
 from . import calibration_measure as measure
 from .calibration_groups import check_plan, layout_from_env, plans
+from .hardware import tail_beta_ratio
 
 SIZES = [4 * 4**i for i in range(13)]  # 4 B ... 64 MiB
 
@@ -295,19 +296,6 @@ def size_residuals(entry: dict) -> list[list[float]]:
     """[[bytes, measured - (alpha + beta * bytes) seconds]] per measured size of a collective's entry: what the
     fitted line misses at each size (hardware.fit_time adds it back, interpolated)."""
     return [[n, t - (entry["alpha_s"] + entry["beta_s_per_byte"] * n)] for n, t in entry["points"]]
-
-
-def tail_beta_ratio(entry: dict) -> float:
-    """The marginal seconds per byte between the two largest measured sizes over the fitted beta: how much faster
-    (ratio > 1) time grows past the largest size than the line says. The line is fitted on relative error over
-    every size, so its slope leans on the latency-bound small sizes; past the largest size only the bandwidth-bound
-    tail counts (the lab at 1gbit: the line's 6.0 ns/B through 8 B..4 MiB, 8.6 ns/B between 1 and 4 MiB, so a 7 MB
-    DDP bucket came out below the wire's own time). 1.0 when fewer than two sizes were measured."""
-    pts = sorted(entry["points"])
-    if len(pts) < 2 or pts[-1][0] <= pts[-2][0] or entry["beta_s_per_byte"] <= 0:
-        return 1.0
-    (n0, t0), (n1, t1) = pts[-2], pts[-1]
-    return max((t1 - t0) / (n1 - n0), 0.0) / entry["beta_s_per_byte"]
 
 
 def _skew_line(points: list[list[float]]) -> dict:

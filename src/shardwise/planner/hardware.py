@@ -199,9 +199,9 @@ def _contention(fit: dict, span: GroupSpan) -> float:
 def fit_time(fit: dict, nbytes: float) -> float:
     """Seconds of one collective of `nbytes` from a calibration's fit: alpha + beta * n, plus what the line
     missed at the measured sizes (fit["residuals"]: [[bytes, measured - line seconds]] written by the calibration,
-    interpolated in log bytes, held at the smallest size; past the largest, growing at the measured tail's slope:
-fit["tail_beta_ratio"] x beta), never below 0. The straight line alone misses what is not linear
-    in n: a token bucket lets a message under its burst pass at the wire's speed after compute (the lab at
+    interpolated in log bytes, held at the smallest size; past the largest, growing at the measured tail's
+    slope: fit["tail_beta_ratio"] x beta), never below 0. The straight line alone misses what is not linear in n:
+    a token bucket lets a message under its burst pass at the wire's speed after compute (the lab at
     100mbit: 64 KiB in 3.3 ms where the line through 4 MiB says 5.3), as protocol switches do on real fabrics
     (NCCL's LL / LL128 / Simple). A fit whose beta was scaled (a slower live link, adaptive/replanner.py) adds
     its extra bytes-time in full and keeps the residuals."""
@@ -220,6 +220,19 @@ fit["tail_beta_ratio"] x beta), never below 0. The straight line alone misses wh
     # beta so that a scaled beta scales it too)
     extra = (fit.get("tail_beta_ratio", 1.0) - 1.0) * fit["beta_s_per_byte"] * (nbytes - max(n for n, _ in residuals))
     return max(line + pts[-1][1] + extra, 0.0)
+
+
+def tail_beta_ratio(fit: dict) -> float:
+    """The marginal seconds per byte between the two largest measured sizes (fit["points"]) over the fitted beta,
+    at least 1: how much faster than the line time grows past the largest size. The line is fitted on relative
+    error over every size, so its slope leans on the latency-bound small sizes (the lab at 1gbit: 6.0 ns/B through
+    8 B..4 MiB, 8.6 between 1 and 4 MiB and in a 7 MB probe). Never below the line: a flatter tail of 3-5 large
+    calls is noise, and a ratio near 0 would make every larger message cost the same. 1.0 with < 2 sizes."""
+    pts = sorted(fit.get("points") or [])
+    if len(pts) < 2 or pts[-1][0] <= pts[-2][0] or fit["beta_s_per_byte"] <= 0:
+        return 1.0
+    (n0, t0), (n1, t1) = pts[-2], pts[-1]
+    return max((t1 - t0) / (n1 - n0) / fit["beta_s_per_byte"], 1.0)
 
 
 def tiled_gemm_s(hw: Hardware, m: int, k: int, n: int) -> float:
@@ -256,4 +269,4 @@ def measured_hardware(fit: dict, flops: float, m: int, op: str = "all_reduce") -
 
 
 __all__ = ["OPS", "GroupSpan", "Hardware", "Link", "fit_time", "link_from_fit", "measured_hardware", "ring_steps",
-           "tile_efficiency", "tiled_gemm_s"]  # fmt: skip
+           "tail_beta_ratio", "tile_efficiency", "tiled_gemm_s"]  # fmt: skip

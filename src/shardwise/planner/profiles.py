@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 
-from .hardware import Hardware, Link, link_from_fit
+from .hardware import Hardware, Link, link_from_fit, tail_beta_ratio
 
 GB = 1e9
 LAUNCH_S = 4e-6  # CUDA kernel launch, order of magnitude
@@ -95,6 +95,8 @@ def from_calibration(path_or_dict) -> Hardware:
     for klass, ops in cal.get("collectives", {}).items():
         for op, sizes in ops.items():
             for size, f in sizes.items():
+                if f.get("residuals") and "tail_beta_ratio" not in f:  # written before the calibration stored it
+                    f = {**f, "tail_beta_ratio": tail_beta_ratio(f)}
                 fits[(klass, op, int(size))] = f
     if not fits:
         raise ValueError("calibration has no collective fits: run `shardwise calibrate` with --ranks >= 2")
