@@ -32,6 +32,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 STEP_REL, COMM_REL, PICK_REL, CROSS_FACTOR = 0.15, 0.25, 0.05, 1.5
+PROFILE_STEPS = 6  # profiled steps per layout for the block rows (3 until stop 19: noisy, see PLANNER.md)
 SCENARIOS = {"2x1": (2, 1), "2x2": (2, 2)}
 WORKLOAD = {"hidden": 256, "layers": 2, "heads": 8, "vocab": 512, "seq": 64, "global_batch": 4, "micro_batch": 1}
 
@@ -65,7 +66,7 @@ def run_job(fab, ppn: int, layouts: list[dict], work: dict, steps: int, cal_path
             timeout_s: float, cal_mode: str = "medium") -> dict:  # fmt: skip
     out = tmp / f"step-{time.monotonic_ns()}.json"
     argv = [sys.executable, str(HERE / "lab_step.py"), "--out", str(out), "--steps", str(steps), "--warmup", "2",
-            "--profile-steps", "3", "--timeout-s", str(timeout_s - 10)]  # fmt: skip
+            "--profile-steps", str(PROFILE_STEPS), "--timeout-s", str(timeout_s - 10)]  # fmt: skip
     for k, v in work.items():
         argv += [f"--{k.replace('_', '-')}", str(v)]
     for lay in layouts:
@@ -336,6 +337,7 @@ def main(argv=None) -> int:
     record = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "workload": work, "steps": a.steps,
               "tolerances": {"step": STEP_REL, "comm_and_R": COMM_REL, "pick": PICK_REL, "crossover": CROSS_FACTOR},
               "calibration_mode": a.calibration, "load_before": os.getloadavg(), "cores": os.cpu_count(),
+              "profile_steps": PROFILE_STEPS,
               "scenarios": []}  # fmt: skip
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="planner-lab-") as tmp:

@@ -23,7 +23,8 @@ namespaces, so the 2x2 scenario runs 4 ranks on {cores} cores). Each (scenario, 
 the lab's nodes: `calibrate_here` ({cal_mode}) first, then every layout; the model predicts each layout from that
 calibration alone. Step = median over {steps} steps of the max over ranks (no barrier inside a step).
 Per block: measured comm = the profiler's collective time inside the block (it includes waiting for the slower
-rank, as a blocking gloo call does), compute = the block's forward+backward span minus that, R = comm / compute.
+rank, as a blocking gloo call does), compute = the block's forward+backward span minus that, R = comm / compute,
+means over {profile_steps} profiled steps run after the timed ones.
 
 Tolerances: step {step:.0%}, comm and R per block {comm:.0%}, planner's pick within {pick:.0%} of the measured best,
 crossover rate within a factor {cross}. Load average (1/5/15 min) before {load_before}, after {load_after};
@@ -42,6 +43,7 @@ def write_report(record: dict, png: Path, md: Path, json_name: str | None = None
     lines = [INTRO.format(json=json_name or "bench/results/planner-<date>.json", **record["workload"],
                           cores=record["cores"], steps=record["steps"], step=tol["step"],
                           cal_mode=record.get("calibration_mode", "quick"), comm=tol["comm_and_R"],
+                          profile_steps=record.get("profile_steps", 3),
                           pick=tol["pick"], cross=tol["crossover"],
                           load_before=" / ".join(f"{x:.2f}" for x in record["load_before"]),
                           load_after=" / ".join(f"{x:.2f}" for x in record["load_after"]),
