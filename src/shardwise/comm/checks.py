@@ -9,10 +9,10 @@
     shapes_agreed      a region (a context) inside which shape checks are skipped because every collective input's
                        shape follows from shapes already agreed in the same forward: ParallelMLP and the attention
                        check their entry all-gather and skip their exit reduce-scatter (its [s, b, h] input is made
-                       from the gathered [s, b, ...] by same-shaped weights); GPT checks its embedding's
-                       reduce-scatter (the ids) and runs every block and the head inside the region. So an SP
-                       forward pays one check per module call, not one per collective (GPT: one per forward, not
-                       4 per block + 2). The debug mode's fingerprints are never skipped. The region vouches
+                       from the gathered [s, b, ...] by same-shaped weights); GPT checks the ids' shape once
+                       (reported as the embedding's) and runs the embedding, every block and the head inside the
+                       region. So an SP forward pays one check per module call, not one per collective (GPT:
+                       one per forward, not 4 per block + 2). The debug mode's fingerprints are never skipped. The region vouches
                        for shardwise's own modules only: a user's forward hook inside GPT's blocks that changes
                        token counts per rank is not checked there (run with SHARDWISE_DEBUG_COLLECTIVES=1).
     agree              the debug mode (SHARDWISE_DEBUG_COLLECTIVES=1 or init_mesh(debug=True)): before every

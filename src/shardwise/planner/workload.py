@@ -190,8 +190,8 @@ def _norm(cfg: ModelConfig, part: str, t: int, sp: bool, tp: int) -> list[Op]:
 
 
 def _shape_check(part: str, tp: int) -> list[Op]:
-    """checks.check_same_shape, as GPT runs it under SP: once per forward, before the embedding's reduce-scatter
-    (every later collective runs in comm.checks.shapes_agreed): an all-gather of one int64 row per rank (none
+    """checks.check_same_shape, as GPT runs it under SP: once per forward, on the ids, booked to the embedding
+    (every collective after it runs in comm.checks.shapes_agreed): an all-gather of one int64 row per rank (none
     with SHARDWISE_CHECK_SHAPES=0)."""
     return [Op(part, "coll", op="all_gather", nbytes=SHAPE_ROW_BYTES * tp, phase="fwd")] if shape_checks_on() else []
 
