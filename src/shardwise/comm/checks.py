@@ -12,9 +12,10 @@
                        from the gathered [s, b, ...] by same-shaped weights); GPT checks the ids' shape once
                        (reported as the embedding's) and runs the embedding, every block and the head inside the
                        region. So an SP forward pays one check per module call, not one per collective (GPT:
-                       one per forward, not 4 per block + 2). The debug mode's fingerprints are never skipped. The region vouches
-                       for shardwise's own modules only: a user's forward hook inside GPT's blocks that changes
-                       token counts per rank is not checked there (run with SHARDWISE_DEBUG_COLLECTIVES=1).
+                       one per forward, not 4 per block + 2). The debug mode's fingerprints are never skipped.
+                       The region vouches for shardwise's own modules only: a user's forward hook inside GPT's
+                       blocks that changes token counts per rank is not checked there (use
+                       SHARDWISE_DEBUG_COLLECTIVES=1).
     agree              the debug mode (SHARDWISE_DEBUG_COLLECTIVES=1 or init_mesh(debug=True)): before every
                        collective, ranks exchange a fingerprint (sequence number, op, shape, dtype, layer tag, phase,
                        call site) over the collective's own group and raise naming the first divergence
