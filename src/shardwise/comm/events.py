@@ -184,12 +184,9 @@ def before(op: str, source: torch.Tensor, group, group_size: int, tag: str, phas
     """checks.before (the ranks agree before `op`), reported to observers as the collective it is: tag
     "<tag>:shape_check" (an all-gather of one int64 row per rank) or "<tag>:debug_check", so the profiler counts
     its time as communication of that layer rather than compute (one ~0.4-1.3 ms gloo call per checked op)."""
-    if not _observers:
-        return checks.before(op, source, group, group_size, tag, phase, check_shape=check_shape, debug=debug,
-                             shape=shape)  # fmt: skip
     start = time.perf_counter()
     kind = checks.before(op, source, group, group_size, tag, phase, check_shape=check_shape, debug=debug, shape=shape)
-    if kind is not None:
+    if kind is not None and _observers:
         numel = checks.SHAPE_ROW_NUMEL * group_size if kind == "shape_check" else 0
         emit(CollectiveEvent(op="all_gather", group_size=group_size, numel=numel, nbytes=numel * 8, dtype=torch.int64,
                              seconds=time.perf_counter() - start, tag=f"{tag}:{kind}", phase=phase, start=start))
