@@ -181,7 +181,7 @@ def local_sizes(cfg: ModelConfig, tp: int, sequence_parallel: bool) -> Local:
                  any(lay.kv_shared for lay in lays), math.ceil(cfg.ffn / tp), math.ceil(cfg.vocab / tp))  # fmt: skip
 
 
-def _norm(cfg: ModelConfig, part: str, t: int, sp: bool, tp: int) -> list[Op]:
+def _norm(cfg: ModelConfig, part: str, t: int) -> list[Op]:
     e, h = cfg.dtype_bytes, cfg.hidden
     # fwd: read x, write y (stats are [t]); bwd: read dy and x, write dx, reduce dy * xhat into dw (and db)
     # under SP the replicated weight (+ bias) grads are summed by the coalesced sp_grad_sync (edge_ops)
@@ -248,7 +248,7 @@ def layer_ops(cfg: ModelConfig, tp: int, sequence_parallel: bool = False) -> lis
     e, h, d, T, t = cfg.dtype_bytes, cfg.hidden, cfg.head_dim, L.tokens, L.sp_tokens
     qd, kvd = L.q * d, L.kv * d
     bias_grad = lambda out: T * out * e if cfg.bias else 0  # noqa: E731  (F.linear's db: sum of dy over tokens)
-    ops = _norm(cfg, "attn", t, sp, tp) + _entry("attn", T * h * e, sp, tp)
+    ops = _norm(cfg, "attn", t) + _entry("attn", T * h * e, sp, tp)
     for out in (qd, kvd, kvd):
         ops.append(Op("attn", "gemm", m=T, k=h, n=out, hides=True))
         ops.append(Op("attn", "ew", bwd_bytes=bias_grad(out), bwd_ops=1 if cfg.bias else 0))
@@ -271,7 +271,7 @@ def layer_ops(cfg: ModelConfig, tp: int, sequence_parallel: bool = False) -> lis
     if cfg.bias and tp == 1:
         ops.append(Op("attn", "ew", bwd_bytes=bias_grad(h), bwd_ops=1))
     ops += _exit(cfg, "attn", L, sp, tp) + _residual(cfg, "attn", t)
-    ops += _norm(cfg, "mlp", t, sp, tp) + _entry("mlp", T * h * e, sp, tp)
+    ops += _norm(cfg, "mlp", t) + _entry("mlp", T * h * e, sp, tp)
     f = L.ffn
     for _ in range(2 if cfg.swiglu else 1):
         ops.append(Op("mlp", "gemm", m=T, k=h, n=f, hides=True))
@@ -310,7 +310,7 @@ def edge_ops(cfg: ModelConfig, tp: int, sequence_parallel: bool = False) -> list
             # the replicated params' grads, one coalesced all-reduce per backward (comm/grad_sync.py)
             ops.append(Op("embed", "coll", op="all_reduce", nbytes=replicated_grad_bytes(cfg), phase="bwd"))
     ops += _residual(cfg, "embed", t)[:-1]  # embedding dropout only
-    ops += _norm(cfg, "head", t, sp, tp) + _entry("head", T * h * e, sp, tp)
+    ops += _norm(cfg, "head", t) + _entry("head", T * h * e, sp, tp)
     ops.append(Op("head", "gemm", m=T, k=h, n=V, hides=True))
     fp32 = 0 if e == 4 else 2  # logits.float()
     # amax 1, subtract max 2, exp 2, sum 1, softmax divide 2 units of [T, V/tp] fp32; bwd: scatter, mul 2
@@ -358,5 +358,4 @@ def param_tensors_per_rank(cfg: ModelConfig) -> int:
 
 __all__ = ["PRESETS", "Local", "ModelConfig", "Op", "activation_bytes_per_layer", "block_config", "edge_ops",
            "gpt_config", "heads_feasible", "layer_flops", "layer_ops", "local_sizes", "param_tensors_per_rank",
-           "params_per_layer", "params_per_rank", "replicated_grad_bytes", "shape_checks_on",
-           "tensors_per_layer"]  # fmt: skip
+           "params_per_layer", "params_per_rank", "replicated_grad_bytes", "tensors_per_layer"]  # fmt: skip
