@@ -95,7 +95,9 @@ def from_calibration(path_or_dict) -> Hardware:
     for klass, ops in cal.get("collectives", {}).items():
         for op, sizes in ops.items():
             for size, f in sizes.items():
-                if f.get("residuals") and "tail_beta_ratio" not in f:  # written before the calibration stored it
+                # files written before the calibration stored the ratio; a stored one is kept, as it was measured
+                # against the calibration's own beta (a copy with beta scaled to a slower link must scale the tail)
+                if f.get("residuals") and "tail_beta_ratio" not in f:
                     f = {**f, "tail_beta_ratio": tail_beta_ratio(f)}
                 fits[(klass, op, int(size))] = f
     if not fits:
