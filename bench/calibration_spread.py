@@ -28,14 +28,13 @@ def worker(out: str, runs: int) -> None:
     import torch
     import torch.distributed as dist
 
-    from shardwise.planner.calibration import calibrate_here
+    sys.path.insert(0, str(HERE))
+    from lab_step import calibrate
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     for i in range(runs):
-        result = calibrate_here(None, quick=False, max_bytes=8 * 2**20)
-        if dist.get_rank() == 0:
-            Path(out, f"cal-{i}.json").write_text(json.dumps(result))
+        calibrate(str(Path(out, f"cal-{i}.json")), "medium")
     dist.barrier()
     dist.destroy_process_group()
 
